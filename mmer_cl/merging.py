@@ -1,0 +1,245 @@
+"""The merge algebra: small pure functions over tensors, composed as the formulas compose.
+
+Notation (SPEC): theta0 the base, tau_i = theta_i - theta0 a task vector, taus the task vectors of one
+parameter stacked as [T, *shape], tau_star the merged vector. Task vectors are float32 whatever the
+weights' dtype, so that bf16 checkpoints do not round away small deltas; `decouple` casts back.
+Functions named for a method work on one parameter; `merge_state_dicts` lifts any of them to whole models.
+"""
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+from torch import Tensor
+
+StateDict = Mapping[str, Tensor]
+
+
+# ---- task vectors ---------------------------------------------------------------------------
+
+
+def check_finite(tensor: Tensor, name: str) -> None:
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise ValueError(f"tensor '{name}' has {bad} NaN or Inf entries")
+
+
+def task_vector(base: Tensor, finetuned: Tensor, name: str = "tensor") -> Tensor:
+    """tau = theta_i - theta0, in float32; both must agree in shape and dtype and be finite."""
+    if base.shape != finetuned.shape:
+        raise ValueError(
+            f"tensor '{name}': shape {tuple(finetuned.shape)} in the fine-tuned model, "
+            f"{tuple(base.shape)} in the base"
+        )
+    if base.dtype != finetuned.dtype:
+        raise ValueError(f"tensor '{name}': dtype {finetuned.dtype} in the fine-tuned model, {base.dtype} in the base")
+    check_finite(base, f"{name}' of the base '")
+    check_finite(finetuned, f"{name}' of the fine-tuned model '")
+    return finetuned.float() - base.float()
+
+
+def task_vectors(base: StateDict, finetuned: StateDict) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Split a fine-tuned model into its task vector over the base's parameters and its private ones.
+
+    Returns (shared, private): shared[n] = finetuned[n] - base[n] for every n in base; private holds the
+    fine-tuned parameters the base does not have (an encoder, projector or head of this task alone).
+    """
+    missing = [name for name in base if name not in finetuned]
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise ValueError(f"the fine-tuned model lacks {len(missing)} base tensors: {shown}")
+    shared = {name: task_vector(base[name], finetuned[name], name) for name in base}
+    private = {name: tensor for name, tensor in finetuned.items() if name not in base}
+    for name, tensor in private.items():
+        check_finite(tensor, name)
+    return shared, private
+
+
+def lora_delta(lora_A: Tensor, lora_B: Tensor, scaling: float, fan_in_fan_out: bool = False) -> Tensor:
+    """Dense LoRA update Delta W = scaling * B @ A (transposed for fan_in_fan_out layers), float32.
+
+    A is [r, in], B is [out, r]; PEFT's scaling is lora_alpha / r (or lora_alpha / sqrt(r) with rsLoRA).
+    """
+    if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_B.shape[1] != lora_A.shape[0]:
+        raise ValueError(f"LoRA factors do not chain: A {tuple(lora_A.shape)}, B {tuple(lora_B.shape)}")
+    delta = scaling * (lora_B.float() @ lora_A.float())
+    return delta.T if fan_in_fan_out else delta
+
+
+# ---- TIES: trim, elect, disjoint mean -----------------------------------------------------
+
+
+def magnitude_threshold(tensors: Iterable[Tensor], k: float) -> float:
+    """The ceil(k * N)-th largest |entry| over all N entries of all tensors: one global trim threshold."""
+    magnitudes = torch.cat([t.detach().abs().flatten().float() for t in tensors])
+    n_keep = math.ceil(k * magnitudes.numel())
+    if n_keep == 0:
+        return math.inf
+    return float(torch.topk(magnitudes, n_keep, sorted=False).values.min())
+
+
+def trim(tau: Tensor, k: float = 0.2, threshold: float | None = None) -> Tensor:
+    """Keep tau where |tau| >= t, zero elsewhere; t is this tensor's ceil(k * numel)-th largest |tau|
+    unless a global `threshold` is given. Entries tied with t are all kept."""
+    if not 0.0 <= k <= 1.0:
+        raise ValueError(f"trim fraction k must lie in [0, 1], got {k}")
+    if threshold is None:
+        threshold = magnitude_threshold([tau], k)
+    return torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau))
+
+
+def elect_sign(trimmed: Tensor) -> Tensor:
+    """gamma = sgn(sum_t trimmed_t): the sign carrying more total mass wins (0 where it cancels)."""
+    return torch.sign(trimmed.sum(dim=0))
+
+
+def disjoint_mean(trimmed: Tensor, sign: Tensor) -> Tensor:
+    """Mean over the tasks whose entry is non-zero and has sign gamma; 0 where none does."""
+    agree = (torch.sign(trimmed) == sign) & (trimmed != 0)
+    total = (trimmed * agree).sum(dim=0)
+    return total / agree.sum(dim=0).clamp(min=1)
+
+
+def ties(taus: Tensor, k: float = 0.2, alpha: float = 1.0, thresholds: Iterable[float] | None = None) -> Tensor:
+    """tau_star = alpha * disjoint_mean(trim_k(tau_t), sgn(sum_t trim_k(tau_t))).
+
+    Trims per tensor, or at `thresholds[t]`, task t's `magnitude_threshold` over its whole model.
+    """
+    thresholds = [None] * len(taus) if thresholds is None else list(thresholds)
+    trimmed = torch.stack([trim(tau, k, threshold) for tau, threshold in zip(taus, thresholds, strict=True)])
+    return alpha * disjoint_mean(trimmed, elect_sign(trimmed))
+
+
+# ---- other merges ---------------------------------------------------------------------------
+
+
+def task_arithmetic(taus: Tensor, alpha: float = 1.0) -> Tensor:
+    """tau_star = alpha * sum_t tau_t."""
+    return alpha * taus.sum(dim=0)
+
+
+def dare(taus: Tensor, p: float, generator: torch.Generator) -> Tensor:
+    """Drop each entry with probability p and rescale the rest: tau_t * Bernoulli(1 - p) / (1 - p).
+
+    Merge the result with `task_arithmetic` or `ties`; the generator makes the drop reproducible.
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"DARE drop probability p must lie in [0, 1), got {p}")
+    keep = torch.rand(taus.shape, generator=generator) >= p
+    return taus * keep / (1.0 - p)
+
+
+def tall_masks(taus: Tensor, tau_mtl: Tensor, lam: float | Iterable[float] = 1.0) -> Tensor:
+    """TALL masks m_t = 1[|tau_t| >= lam * |tau_mtl - tau_t|] on a task-arithmetic vector tau_mtl."""
+    return taus.abs() >= _per_task(lam, taus) * (tau_mtl - taus).abs()
+
+
+def emr_elect(taus: Tensor) -> Tensor:
+    """EMR's unified vector: gamma = sgn(sum_t tau_t); tau_uni = gamma * max over {t: sgn tau_t = gamma} of |tau_t|."""
+    sign = elect_sign(taus)
+    agree = torch.sign(taus) == sign
+    return sign * (taus.abs() * agree).amax(dim=0)
+
+
+def emr_masks(taus: Tensor, tau_uni: Tensor) -> Tensor:
+    """EMR's task masks m_t = 1[tau_t * tau_uni > 0] (sign agreement)."""
+    return taus * tau_uni > 0
+
+
+def emr_rescalers(abs_sums: Tensor, masked_sums: Tensor) -> Tensor:
+    """EMR's rescalers lambda_t = sum|tau_t| / sum|m_t * tau_uni|, the sums taken over the whole model."""
+    return abs_sums / masked_sums.clamp(min=torch.finfo(torch.float32).tiny)
+
+
+def magmax(taus: Tensor) -> Tensor:
+    """MagMax: per entry, the tau_t of largest magnitude (the first task wins a tie)."""
+    index = taus.abs().argmax(dim=0, keepdim=True)
+    return taus.gather(0, index).squeeze(0)
+
+
+# ---- MMER: the decoupling masks -------------------------------------------------------------
+
+
+def mmer_mask(tau_i: Tensor, tau_star: Tensor, lam: float = 1.0) -> Tensor:
+    """m_i = 1[|tau_i| >= lam * |tau_i - tau_star|]; lam = 1 minimises ||theta_i - (theta0 + m * tau_star)||_1."""
+    return tau_i.abs() >= lam * (tau_i - tau_star).abs()
+
+
+def mmer(
+    taus: Tensor,
+    k: float = 0.2,
+    alpha: float = 1.0,
+    lam: float | Iterable[float] = 1.0,
+    thresholds: Iterable[float] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One MMER step on one parameter: tau_star = ties(taus), masks[t] = mmer_mask(tau_t, tau_star, lam_t)."""
+    tau_star = ties(taus, k, alpha, thresholds)
+    return tau_star, taus.abs() >= _per_task(lam, taus) * (taus - tau_star).abs()
+
+
+def decouple(theta0: Tensor, mask: Tensor, tau_star: Tensor) -> Tensor:
+    """theta_hat_i = theta0 + m_i * tau_star, in theta0's dtype."""
+    return (theta0.float() + mask * tau_star).to(theta0.dtype)
+
+
+def _per_task(lam: float | Iterable[float], taus: Tensor) -> Tensor:
+    """A scalar lam, or one per task, shaped [T, 1, ...] to broadcast over taus [T, *shape]."""
+    lams = torch.as_tensor(lam if isinstance(lam, (int, float)) else list(lam), dtype=torch.float32).flatten()
+    if lams.numel() == 1:
+        return lams.reshape(())
+    if lams.numel() != len(taus):
+        raise ValueError(f"got {lams.numel()} lam values for {len(taus)} tasks")
+    return lams.reshape(-1, *([1] * (taus.dim() - 1)))
+
+
+# ---- bit-packed masks -----------------------------------------------------------------------
+
+_BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def pack_mask(mask: Tensor) -> Tensor:
+    """A bool mask as flat uint8, 1 bit per entry, little-endian within a byte; pads the last byte with 0."""
+    if mask.dtype != torch.bool:
+        raise ValueError(f"pack_mask takes a bool tensor, got {mask.dtype}")
+    flat = mask.flatten()
+    padded = torch.zeros(math.ceil(flat.numel() / 8) * 8, dtype=torch.uint8)
+    padded[: flat.numel()] = flat
+    return (padded.view(-1, 8) * _BITS).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: Tensor, shape: Iterable[int]) -> Tensor:
+    """Inverse of pack_mask: the bool mask of the given shape."""
+    shape = tuple(shape)
+    numel = math.prod(shape)
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != math.ceil(numel / 8):
+        raise ValueError(
+            f"a packed mask for shape {shape} is {math.ceil(numel / 8)} uint8 bytes; "
+            f"got {packed.numel()} of {packed.dtype}"
+        )
+    bits = (packed.unsqueeze(1) & _BITS) != 0
+    return bits.flatten()[:numel].reshape(shape)
+
+
+# ---- whole models -----------------------------------------------------------------------------
+
+
+def merge_state_dicts(task_vectors_by_task: list[StateDict], method: Callable[..., Tensor], **kwargs) -> dict:
+    """Apply a per-parameter method to every parameter: out[n] = method(stack_t tau_t[n], **kwargs).
+
+    All task vectors must cover the same parameters with the same shapes.
+    """
+    if not task_vectors_by_task:
+        raise ValueError("no task vectors to merge: the task list is empty")
+    names = list(task_vectors_by_task[0])
+    for index, taus in enumerate(task_vectors_by_task[1:], start=1):
+        if set(taus) != set(names):
+            missing = sorted(set(names) - set(taus))[:5]
+            extra = sorted(set(taus) - set(names))[:5]
+            raise ValueError(f"task {index}'s vector differs from task 0's: missing {missing}, extra {extra}")
+    merged = {}
+    for name in names:
+        shapes = {tuple(taus[name].shape) for taus in task_vectors_by_task}
+        if len(shapes) > 1:
+            raise ValueError(f"tensor '{name}' has different shapes across tasks: {sorted(shapes)}")
+        merged[name] = method(torch.stack([taus[name].float() for taus in task_vectors_by_task]), **kwargs)
+    return merged
