@@ -1,0 +1,14 @@
+"""Offline data: Fashion-MNIST (vision), espeak-ng spoken words (audio), WordNet glosses (text).
+
+Each `load_*(seed=0, ...)` returns `Splits(train, val, test, classes, info)`; every split is a torch Dataset of
+`(x, y)` with a `.targets` LongTensor, usable in Avalanche through `as_avalanche`.
+"""
+
+from mmer_cl.data.common import (LabelledTensors, MissingDataError, Splits, TargetSubset, as_avalanche, cache_dir,
+                                 subset)
+from mmer_cl.data.fashion_mnist import fashion_mnist_root, load_fashion_mnist
+from mmer_cl.data.spoken_words import SpokenWordsSettings, load_spoken_words
+from mmer_cl.data.wordnet import load_wordnet
+
+__all__ = ["LabelledTensors", "MissingDataError", "Splits", "SpokenWordsSettings", "TargetSubset", "as_avalanche",
+           "cache_dir", "fashion_mnist_root", "load_fashion_mnist", "load_spoken_words", "load_wordnet", "subset"]
