@@ -383,7 +383,7 @@ def _rebuild(state_dir: Path, manifest: dict, base: Checkpoint, *, k, alpha, lam
         def compute(name: str, start: int, stop: int, thresholds: list[float] | None):
             taus = torch.stack([source.tau(base, name, start, stop) for source in sources])
             if thresholds is None:  # the whole tensor is in this chunk
-                thresholds = [kth_largest_magnitude(lambda t=tau: [t], math.ceil(k * tau.numel())) for tau in taus]
+                thresholds = [kth_largest_magnitude(lambda t=tau: [t], merging.kept_count(k, tau.numel())) for tau in taus]
             tau_star, masks = merging.mmer(taus, k, alpha, lams, thresholds)
             kept = None
             if new is not None and mode == "sparse":
@@ -403,11 +403,11 @@ def _rebuild(state_dir: Path, manifest: dict, base: Checkpoint, *, k, alpha, lam
                 elif len(ranges) == 1:
                     thresholds = None
                 elif numel <= WHOLE_THRESHOLD_ELEMENTS:  # one task's whole tensor fits: read it once
-                    thresholds = [kth_largest_magnitude(lambda t=s.tau(base, name, 0, numel): [t], math.ceil(k * numel))
+                    thresholds = [kth_largest_magnitude(lambda t=s.tau(base, name, 0, numel): [t], merging.kept_count(k, numel))
                                   for s in sources]
                 else:
                     thresholds = [kth_largest_magnitude(
-                        lambda s=s: (s.tau(base, name, a, b) for a, b in ranges), math.ceil(k * numel)) for s in sources]
+                        lambda s=s: (s.tau(base, name, a, b) for a, b in ranges), merging.kept_count(k, numel)) for s in sources]
                 for start, stop in ranges:
                     yield name, start, stop, thresholds
 
@@ -504,7 +504,7 @@ def _global_threshold(base: Checkpoint, source, k: float) -> float:
             for start, stop in _ranges(base.info[name].numel, CHUNK_ELEMENTS):
                 yield source.tau(base, name, start, stop)
 
-    return kth_largest_magnitude(chunks, math.ceil(k * total))
+    return kth_largest_magnitude(chunks, merging.kept_count(k, total))
 
 
 def _write_task_files(folder: Path, source, base: Checkpoint, shard_bytes: int, progress: bool, vector_writer) -> dict:

@@ -35,7 +35,10 @@ def task_vector(base: Tensor, finetuned: Tensor, name: str = "tensor") -> Tensor
         raise ValueError(f"tensor '{name}': dtype {finetuned.dtype} in the fine-tuned model, {base.dtype} in the base")
     check_finite(base, f"{name}' of the base '")
     check_finite(finetuned, f"{name}' of the fine-tuned model '")
-    return finetuned.float() - base.float()
+    # Subtract in the weights' precision (float32 at least), round to float32 once: a float64 delta of 1e-12
+    # survives, where casting theta_i and theta0 to float32 first would round it away.
+    wide = torch.promote_types(base.dtype, torch.float32)
+    return (finetuned.to(wide) - base.to(wide)).float()
 
 
 def task_vectors(base: StateDict, finetuned: StateDict) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -69,20 +72,33 @@ def lora_delta(lora_A: Tensor, lora_B: Tensor, scaling: float, fan_in_fan_out: b
 # ---- TIES: trim, elect, disjoint mean -----------------------------------------------------
 
 
+def _check_fraction(k: float) -> None:
+    if not 0.0 <= k <= 1.0:  # also refuses NaN
+        raise ValueError(f"trim fraction k must lie in [0, 1], got {k}")
+
+
+def kept_count(k: float, n: int) -> int:
+    """ceil(k * n), where a k * n within float error of an integer is that integer (0.07 * 100 keeps 7, not 8)."""
+    wanted = k * n
+    near = round(wanted)
+    return near if near >= 1 and abs(wanted - near) <= 1e-9 * wanted else math.ceil(wanted)
+
+
 def magnitude_threshold(tensors: Iterable[Tensor], k: float) -> float:
-    """The ceil(k * N)-th largest |entry| over all N entries of all tensors: one global trim threshold."""
-    magnitudes = torch.cat([t.detach().abs().flatten().float() for t in tensors])
-    n_keep = math.ceil(k * magnitudes.numel())
+    """The kept_count(k, N)-th largest |entry| over all N entries of all tensors: one global trim threshold,
+    exact in the tensors' own precision."""
+    _check_fraction(k)
+    magnitudes = torch.cat([t.detach().abs().flatten() for t in tensors])
+    n_keep = kept_count(k, magnitudes.numel())
     if n_keep == 0:
         return math.inf
     return float(torch.topk(magnitudes, n_keep, sorted=False).values.min())
 
 
 def trim(tau: Tensor, k: float = 0.2, threshold: float | None = None) -> Tensor:
-    """Keep tau where |tau| >= t, zero elsewhere; t is this tensor's ceil(k * numel)-th largest |tau|
+    """Keep tau where |tau| >= t, zero elsewhere; t is this tensor's kept_count(k, numel)-th largest |tau|
     unless a global `threshold` is given. Entries tied with t are all kept."""
-    if not 0.0 <= k <= 1.0:
-        raise ValueError(f"trim fraction k must lie in [0, 1], got {k}")
+    _check_fraction(k)
     if threshold is None:
         threshold = magnitude_threshold([tau], k)
     return torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau))
@@ -106,6 +122,8 @@ def ties(taus: Tensor, k: float = 0.2, alpha: float = 1.0, thresholds: Iterable[
     Trims per tensor, or at `thresholds[t]`, task t's `magnitude_threshold` over its whole model.
     """
     thresholds = [None] * len(taus) if thresholds is None else list(thresholds)
+    if len(thresholds) != len(taus):
+        raise ValueError(f"got {len(thresholds)} trim thresholds for {len(taus)} tasks")
     trimmed = torch.stack([trim(tau, k, threshold) for tau, threshold in zip(taus, thresholds, strict=True)])
     return alpha * disjoint_mean(trimmed, elect_sign(trimmed))
 
@@ -142,13 +160,14 @@ def emr_elect(taus: Tensor) -> Tensor:
 
 
 def emr_masks(taus: Tensor, tau_uni: Tensor) -> Tensor:
-    """EMR's task masks m_t = 1[tau_t * tau_uni > 0] (sign agreement)."""
-    return taus * tau_uni > 0
+    """EMR's task masks m_t = 1[sgn(tau_t) = sgn(tau_uni) != 0] (sign agreement; a product would underflow)."""
+    return torch.sign(taus) * torch.sign(tau_uni) > 0
 
 
 def emr_rescalers(abs_sums: Tensor, masked_sums: Tensor) -> Tensor:
-    """EMR's rescalers lambda_t = sum|tau_t| / sum|m_t * tau_uni|, the sums taken over the whole model."""
-    return abs_sums / masked_sums.clamp(min=torch.finfo(torch.float32).tiny)
+    """EMR's rescalers lambda_t = sum|tau_t| / sum|m_t * tau_uni|, the sums taken over the whole model;
+    1 for a task whose mask is empty (it multiplies nothing, and an infinite one would make 0 * inf = NaN)."""
+    return torch.where(masked_sums > 0, abs_sums / masked_sums.where(masked_sums > 0, 1.0), 1.0)
 
 
 def magmax(taus: Tensor) -> Tensor:
@@ -178,13 +197,14 @@ def mmer(
 
 
 def decouple(theta0: Tensor, mask: Tensor, tau_star: Tensor) -> Tensor:
-    """theta_hat_i = theta0 + m_i * tau_star, in theta0's dtype."""
-    return (theta0.float() + mask * tau_star).to(theta0.dtype)
+    """theta_hat_i = theta0 + m_i * tau_star, summed in float32 (float64 for float64 weights), in theta0's dtype."""
+    wide = torch.promote_types(theta0.dtype, torch.float32)
+    return (theta0.to(wide) + mask * tau_star).to(theta0.dtype)
 
 
 def _per_task(lam: float | Iterable[float], taus: Tensor) -> Tensor:
     """A scalar lam, or one per task, shaped [T, 1, ...] to broadcast over taus [T, *shape]."""
-    lams = torch.as_tensor(lam if isinstance(lam, (int, float)) else list(lam), dtype=torch.float32).flatten()
+    lams = torch.as_tensor(lam if isinstance(lam, (int, float)) else list(lam), dtype=taus.dtype).flatten()
     if lams.numel() == 1:
         return lams.reshape(())
     if lams.numel() != len(taus):
