@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from mmer_cl.checkpoints import INDEX_FILE, Checkpoint, ShardWriter
+from mmer_cl.checkpoints import Checkpoint, ShardWriter
 
 SIZES = {  # LlamaConfig fields; parameter counts as printed
     "100M": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,

@@ -189,19 +189,12 @@ def save_expert(model, folder, merged_folder=None) -> Path:
 # ---- CLI ------------------------------------------------------------------------------------------------
 
 
-def _load_splits(modality: str, seed: int):
-    from mmer_cl import data
-
-    loaders = {"vision": data.load_fashion_mnist, "audio": data.load_spoken_words, "text": data.load_wordnet}
-    return loaders[modality](seed=seed)
-
-
 def _cmd_train_expert(args) -> int:
     from mmer_cl import data
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    splits = _load_splits(args.modality, args.seed)
+    splits = data.load(args.modality, args.seed)
     train, val, test = splits.train, splits.val, splits.test
     if args.train_size:
         train = data.subset(train, args.train_size, args.seed)

@@ -23,7 +23,7 @@ import shutil
 import signal
 from pathlib import Path
 
-from mmer_cl.checkpoints import Checkpoint, CheckpointError, fsync_dir, sha256_file
+from mmer_cl.checkpoints import Checkpoint, fsync_dir, sha256_file
 
 FORMAT = "mmer-cl-state"
 FORMAT_VERSION = 1

@@ -14,7 +14,7 @@ from transformers import (
 
 from mmer_cl import fold as F
 from mmer_cl import merging, store
-from mmer_cl.checkpoints import Checkpoint, CheckpointError
+from mmer_cl.checkpoints import Checkpoint
 from test_checkpoints import TINY, _adapter, finetune, save, state_of, tiny_llama
 from test_store import snapshot
 

@@ -10,5 +10,17 @@ from mmer_cl.data.fashion_mnist import fashion_mnist_root, load_fashion_mnist
 from mmer_cl.data.spoken_words import SpokenWordsSettings, load_spoken_words
 from mmer_cl.data.wordnet import load_wordnet
 
-__all__ = ["LabelledTensors", "MissingDataError", "Splits", "SpokenWordsSettings", "TargetSubset", "as_avalanche",
-           "cache_dir", "fashion_mnist_root", "load_fashion_mnist", "load_spoken_words", "load_wordnet", "subset"]
+
+LOADERS = {"vision": load_fashion_mnist, "audio": load_spoken_words, "text": load_wordnet}
+
+
+def load(modality: str, seed: int = 0) -> Splits:
+    """The default splits of one modality: vision, audio or text."""
+    if modality not in LOADERS:
+        raise ValueError(f"unknown modality {modality!r}; known: {', '.join(LOADERS)}")
+    return LOADERS[modality](seed=seed)
+
+
+__all__ = ["LOADERS", "LabelledTensors", "MissingDataError", "Splits", "SpokenWordsSettings", "TargetSubset",
+           "as_avalanche", "cache_dir", "fashion_mnist_root", "load", "load_fashion_mnist", "load_spoken_words",
+           "load_wordnet", "subset"]
