@@ -235,15 +235,22 @@ class Run:
         (folder / "DONE").touch()
         return folder
 
-    def experts(self, data: StreamData) -> dict[str, Path]:
-        return {spec.name: self.expert_dir(data, spec) for spec in data.specs}
+    def experts(self, data: StreamData, mode: str = "full") -> dict[str, Path]:
+        """One expert folder per task: full fine-tunes, or LoRA adapter folders (mode="lora")."""
+        return {spec.name: self.expert_dir(data, spec, mode=mode) for spec in data.specs}
 
-    def pool(self, data: StreamData) -> baselines.ExpertPool:
-        if data.name not in self._pools:
+    def pool(self, data: StreamData, mode: str = "full") -> baselines.ExpertPool:
+        """theta0 and every expert's task vector in memory; a LoRA expert as its merged dense model."""
+        key = f"{data.name}/{mode}"
+        if key not in self._pools:
             theta0 = _load_weights(self.base_dir())
-            experts = {task: _load_weights(folder) for task, folder in self.experts(data).items()}
-            self._pools[data.name] = baselines.ExpertPool(theta0, experts)
-        return self._pools[data.name]
+            if mode == "lora":
+                weights = {task: models.load_model(folder, merge=True).state_dict()
+                           for task, folder in self.experts(data, mode).items()}
+            else:
+                weights = {task: _load_weights(folder) for task, folder in self.experts(data, mode).items()}
+            self._pools[key] = baselines.ExpertPool(theta0, weights)
+        return self._pools[key]
 
 
 def _new_model(specs):
@@ -336,11 +343,11 @@ def _merging_matrix(run: Run, data: StreamData, build: Callable[[list[str]], dic
     return R
 
 
-def _choose(run: Run, data: StreamData, key: str, grid: list[dict], build) -> dict:
+def _choose(run: Run, data: StreamData, key: str, grid: list[dict], build, pool=None) -> dict:
     """The grid point with the best mean validation accuracy over the stream's tasks (all experts merged)."""
     def compute():
-        pool, model = run.pool(data), _full_model(data)
-        best, table = baselines.choose_on_validation(grid, build, model, pool, data.val, _evaluate)
+        model = _full_model(data)
+        best, table = baselines.choose_on_validation(grid, build, model, pool or run.pool(data), data.val, _evaluate)
         return {"choice": best, "grid": table}
     return run.cached(f"{data.name}/grid_{key}", compute)
 
@@ -407,11 +414,12 @@ def run_emr(run: Run, data: StreamData) -> dict:
     return _result(R, storage)
 
 
-def _mmer_choice(run: Run, data: StreamData) -> dict:
-    pool, k = run.pool(data), run.profile.k
+def _mmer_choice(run: Run, data: StreamData, experts: str = "full") -> dict:
+    pool, k = run.pool(data, experts), run.profile.k
     tau_m = baselines.ties_vector(pool, data.tasks, k)
-    return _choose(run, data, "mmer", baselines.grid_points(alpha=run.profile.alphas, lam=run.profile.lams),
-                   lambda alpha, lam: baselines.mmer_weights(pool, data.tasks, tau_m, alpha, lam))
+    key = "mmer" if experts == "full" else f"mmer_{experts}"
+    return _choose(run, data, key, baselines.grid_points(alpha=run.profile.alphas, lam=run.profile.lams),
+                   lambda alpha, lam: baselines.mmer_weights(pool, data.tasks, tau_m, alpha, lam), pool)
 
 
 def _avalanche_stream(data: StreamData):
@@ -426,21 +434,22 @@ def _avalanche_stream(data: StreamData):
     return with_classes_timeline(with_task_labels(benchmark_from_datasets(**streams)))
 
 
-def _run_mmer(run: Run, data: StreamData, mode: str) -> dict:
-    """MMERStrategy over the Avalanche stream, the experts handed in as folders; R[t, j] from Avalanche's
-    own accuracy metric after each training experience."""
+def _run_mmer(run: Run, data: StreamData, mode: str, experts: str = "full") -> dict:
+    """MMERStrategy over the Avalanche stream, the experts (full fine-tunes, or LoRA adapters folded as
+    their dense deltas) handed in as folders; R[t, j] from Avalanche's own accuracy metric after each
+    training experience."""
     from avalanche.evaluation.metrics import accuracy_metrics
     from avalanche.training.plugins import EvaluationPlugin
 
-    choice = _mmer_choice(run, data)
+    choice = _mmer_choice(run, data, experts)
     alpha, lam = choice["choice"]["alpha"], choice["choice"]["lam"]
-    experts = run.experts(data)
-    state_dir = run.dir / data.name / f"state-{mode}"
+    folders, pool = run.experts(data, experts), run.pool(data, experts)
+    state_dir = run.dir / data.name / f"state-{mode}-{experts}"
     shutil.rmtree(state_dir, ignore_errors=True)
     bm = _avalanche_stream(data)
     evaluator = EvaluationPlugin(accuracy_metrics(experience=True), loggers=[])
     strategy = MMERStrategy(model=_full_model(data), specs=data.specs, base_dir=run.base_dir(), state_dir=state_dir,
-                            expert_source=experts, mode=mode,
+                            expert_source=folders, mode=mode,
                             k=run.profile.k, alpha=alpha, lam=lam, eval_mb_size=64, evaluator=evaluator)
     T = len(data.tasks)
     R = _nan_matrix(T)
@@ -453,7 +462,6 @@ def _run_mmer(run: Run, data: StreamData, mode: str) -> dict:
     sizes = info["storage_bytes"]
     storage = metrics.storage(base=sizes["base (referenced, not stored)"], shared_vectors=sizes["tau_star"] + sizes["kept vectors"],
                               masks=sizes["masks"], private=sizes["private"])
-    pool = run.pool(data)
     recon = {}
     for task in data.tasks:
         decoupled = fold.decoupled_state_dict(state_dir, task)
@@ -461,7 +469,7 @@ def _run_mmer(run: Run, data: StreamData, mode: str) -> dict:
             pool.taus[task], {n: torch.ones_like(v, dtype=torch.bool) for n, v in pool.taus[task].items()},
             {n: decoupled[n].float() - pool.theta0[n] for n in pool.theta0})
     extra = {}
-    if data.name == "split_fmnist" and mode == "exact":
+    if data.name == "split_fmnist" and mode == "exact" and experts == "full":
         strategy.infer_task = True
         res = strategy.eval(bm.test_stream)
         extra["inferred"] = {
@@ -474,6 +482,7 @@ def _run_mmer(run: Run, data: StreamData, mode: str) -> dict:
 
 for _mode in ("exact", "sparse", "compact"):
     method(f"mmer_{_mode}")(lambda run, data, _mode=_mode: _run_mmer(run, data, _mode))
+method("mmer_lora")(lambda run, data: _run_mmer(run, data, "compact", experts="lora"))
 
 
 @method("mmer_controls")
@@ -654,7 +663,7 @@ def run_forgetting(run: Run, modality: StreamData) -> dict:
 # ---- the run loop and its outputs ---------------------------------------------------------------------
 
 DEFAULT_METHODS = ["individual", "mmer_exact", "mmer_sparse", "mmer_compact", "mmer_controls", "task_arithmetic", "ties",
-                   "dare_ties", "tall", "emr", "naive", "magmax", "ewc", "lwf", "replay", "lora", "joint"]
+                   "dare_ties", "tall", "emr", "naive", "magmax", "ewc", "lwf", "replay", "lora", "mmer_lora", "joint"]
 DEFAULT_STREAMS = ["modality", "split_fmnist", "forgetting"]
 ROW_METHODS_EXCLUDED = {"mmer_controls"}  # results without an accuracy matrix
 
