@@ -168,13 +168,13 @@ def optimizer_for(model: nn.Module) -> torch.optim.AdamW:
                               {"params": private, "lr": experts.PRIVATE_LR}], weight_decay=0.0)
 
 
-def avalanche_strategy(name: str, router: TaskRouter, *, batch_size: int, epochs: int = 1, device="cpu"):
+def avalanche_strategy(name: str, router: TaskRouter, *, batch_size: int, device="cpu"):
     """A real Avalanche strategy over the multi-head model: naive | ewc | lwf | replay."""
     from avalanche.training import EWC, LwF, Naive, Replay
 
     optimizer = optimizer_for(router)
     common = dict(model=router, optimizer=optimizer, criterion=nn.CrossEntropyLoss(), train_mb_size=batch_size,
-                  train_epochs=epochs, eval_mb_size=batch_size, device=device, evaluator=None)
+                  train_epochs=1, eval_mb_size=batch_size, device=device, evaluator=None)
     if name == "naive":
         return Naive(**common)
     if name == "ewc":
