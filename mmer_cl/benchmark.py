@@ -105,8 +105,8 @@ def _spec(name: str, modality: str, dataset, num_classes: int) -> TaskSpec:
 
 
 def _subsets(splits, profile: Profile, seed: int):
-    return (data_module.subset(splits.train, profile.train_per_task, seed), data_module.subset(splits.val, profile.val_per_task, seed),
-            data_module.subset(splits.test, profile.test_per_task, seed))
+    return tuple(data_module.subset(split, size, seed) for split, size in (
+        (splits.train, profile.train_per_task), (splits.val, profile.val_per_task), (splits.test, profile.test_per_task)))
 
 
 @stream("modality")
