@@ -302,12 +302,14 @@ def main(argv=None) -> int:
             bench(size, dtype, sorted(args.tasks), args.work, mergekit, rows)
             if not args.keep:
                 shutil.rmtree(args.work / f"{size}-{dtype}", ignore_errors=True)
-    report = to_markdown(rows, "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]), notes)
+    command = "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])])
+    report = to_markdown(rows, command, notes)
     print(report)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(report)
-        args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+        args.out.with_suffix(".json").write_text(json.dumps({"command": command, "generated": machine(), "rows": rows},
+                                                            indent=1))
     return 0
 
 

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mmer_cl import merging, store
+from mmer_cl import merging, metrics, store
 from mmer_cl.checkpoints import (
     Checkpoint, CheckpointError, LoraAdapter, ShardWriter, copy_small_files, fsync_dir, header_digest,
     is_lora_adapter, sha256_file,
@@ -632,14 +632,6 @@ class TaskSwitcher:
 # ---- inspect ------------------------------------------------------------------------------------------
 
 
-def _layer(name: str) -> str:
-    parts = name.split(".")
-    for i, part in enumerate(parts):
-        if part.isdigit():
-            return ".".join(parts[: i + 1])
-    return ".".join(parts[:-1]) or name
-
-
 def inspect(state_dir) -> dict:
     """Tasks, mode and settings, each task's mask density (raw, and effective = over entries where
     tau_star != 0) overall and per layer, and the state's bytes by component."""
@@ -651,7 +643,7 @@ def inspect(state_dir) -> dict:
     nonzero_by_layer: dict[str, int] = {}
     on_by_layer = [{} for _ in masks]  # per task: layer -> [mask ones, mask ones where tau_star != 0]
     for name, info in tau_star.info.items():
-        layer = _layer(name)
+        layer = metrics.layer_of(name)
         nonzero = tau_star.read(name).reshape(-1) != 0
         numel_by_layer[layer] = numel_by_layer.get(layer, 0) + info.numel
         nonzero_by_layer[layer] = nonzero_by_layer.get(layer, 0) + int(nonzero.sum())
