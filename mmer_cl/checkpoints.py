@@ -4,7 +4,7 @@ Reading: a folder of safetensors (one file, or shards named by `model.safetensor
 by parsing each file's header; a tensor, or a flat range of its elements, is then read with `pread` into a
 fresh tensor. Nothing is memory-mapped, so a process's resident memory holds only the tensors it asked for.
 Writing: `ShardWriter` streams tensors into shards of at most `max_shard_bytes`, hashing each file as it
-goes; with a plan (names, dtypes, shapes known up front) the header is written first and data follows in
+goes, on a thread of its own so that the caller computes the next tensor meanwhile; with a plan (names, dtypes, shapes known up front) the header is written first and data follows in
 order, so a tensor can arrive in chunks and is never held whole.
 A PEFT LoRA adapter folder reads as dense task vectors `scaling * B @ A` keyed by the base's names.
 """
@@ -17,7 +17,9 @@ import re
 import shutil
 import struct
 import warnings
+from collections import deque
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -350,6 +352,11 @@ def _header_bytes(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metad
     return struct.pack("<Q", len(raw)) + raw
 
 
+def _write_and_hash(file, digest, data) -> None:
+    file.write(data)
+    digest.update(data)
+
+
 class ShardWriter:
     """Writes tensors into `<stem>-0000i-of-0000n.safetensors` (or `<stem>.safetensors` when one shard
     is enough) of at most `max_shard_bytes` each, fsyncs them and records each file's sha256.
@@ -368,6 +375,8 @@ class ShardWriter:
         self.planned = plan is not None
         self._buffer: list[tuple[str, Tensor]] = []
         self._buffered = 0
+        self._io: ThreadPoolExecutor | None = None
+        self._jobs: deque = deque()
         self._shards: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = []
         if self.planned:
             for entry in plan:
@@ -442,16 +451,34 @@ class ShardWriter:
             self._append_bytes(memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
 
     def _append_bytes(self, data) -> None:
-        self._file.write(data)
-        self._digest.update(data)
+        self._later(_write_and_hash, self._file, self._digest, data)
 
     def _close_file(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self.sizes[self._current] = self._file.tell()
-        self._file.close()
+        self._later(self._finish_file, self._file, self._digest, self._current)
         self._file = None
-        self.files[self._current] = self._digest.hexdigest()
+
+    def _finish_file(self, file, digest, name: str) -> None:
+        file.flush()
+        os.fsync(file.fileno())
+        self.sizes[name] = file.tell()
+        file.close()
+        self.files[name] = digest.hexdigest()
+
+    def _later(self, job, *args) -> None:
+        """Runs file work (write, hash, fsync) in order on this writer's thread, at most a few jobs behind
+        (each holds its chunk in memory); a job's error is raised here on a later call, or by close()."""
+        if self._io is None:
+            self._io = ThreadPoolExecutor(1, thread_name_prefix=f"write-{self.stem}")
+        self._jobs.append(self._io.submit(job, *args))
+        while self._jobs and (len(self._jobs) > 4 or self._jobs[0].done()):
+            self._jobs.popleft().result()
+
+    def _wait(self) -> None:
+        while self._jobs:
+            self._jobs.popleft().result()
+        if self._io is not None:
+            self._io.shutdown()
+            self._io = None
 
     def _flush_buffer(self) -> None:
         if not self._buffer:
@@ -472,12 +499,14 @@ class ShardWriter:
             if self._position < len(self._queue):
                 name = self._queue[self._position][1][0]
                 raise CheckpointError(f"writer '{self.stem}': tensor '{name}' was not written in full")
+            self._wait()
             return self.files
         self._flush_buffer()
         if not self._shards:  # nothing to store still makes a valid, empty file
             self._shards.append([])
             self._open(0)
             self._close_file()
+        self._wait()
         count = len(self._shards)
         if count > 1:  # shards were named as if each were the last one; give them their final names
             renamed = {}

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mmer_cl import merging, metrics, store
+from mmer_cl import kernels, merging, metrics, store
 from mmer_cl.checkpoints import (
     Checkpoint, CheckpointError, LoraAdapter, ShardWriter, copy_small_files, fsync_dir, header_digest,
     is_lora_adapter, sha256_file,
@@ -106,7 +106,7 @@ class _ModelSource:
     def tau(self, base: Checkpoint, name: str, start: int, stop: int) -> Tensor:
         mine = map_name(name, self.name_map)
         try:
-            return merging.task_vector(base.read(name, start, stop), self.model.read(mine, start, stop), name)
+            return kernels.task_vector(base.read(name, start, stop), self.model.read(mine, start, stop), name)
         except ValueError as error:
             raise CheckpointError(f"{error} (fine-tuned file {self.model.info[mine].file})") from None
 
@@ -187,14 +187,13 @@ def kth_largest_magnitude(chunks, n_keep: int) -> float:
         return math.inf
     high = torch.zeros(1 << 15, dtype=torch.int64)
     for chunk in chunks():
-        high += torch.bincount(chunk.abs().view(torch.int32).flatten() >> 16, minlength=1 << 15)
+        high += kernels.magnitude_histogram(chunk)
     above = high.flip(0).cumsum(0).flip(0)  # above[b] = entries in buckets >= b
     bucket = int((above >= n_keep).nonzero().max())
     rest = n_keep - (int(above[bucket + 1]) if bucket + 1 < len(above) else 0)
     low = torch.zeros(1 << 16, dtype=torch.int64)
     for chunk in chunks():
-        bits = chunk.abs().view(torch.int32).flatten()
-        low += torch.bincount(bits[(bits >> 16) == bucket] & 0xFFFF, minlength=1 << 16)
+        low += kernels.magnitude_histogram(chunk, bucket)
     value = int((low.flip(0).cumsum(0).flip(0) >= rest).nonzero().max())
     return float(torch.tensor([(bucket << 16) | value], dtype=torch.int32).view(torch.float32))
 
@@ -377,20 +376,20 @@ def _rebuild(state_dir: Path, manifest: dict, base: Checkpoint, *, k, alpha, lam
         if trim == "global":
             thresholds_global = [_global_threshold(base, source, k) for source in tqdm(
                 sources, desc="global trim thresholds", unit="task", disable=not progress)]
-        new_nonzero = torch.zeros((), dtype=torch.bool)
+        new_nonzero = False
         sparse_parts: list[tuple[Tensor, Tensor]] = []
 
         def compute(name: str, start: int, stop: int, thresholds: list[float] | None):
             taus = torch.stack([source.tau(base, name, start, stop) for source in sources])
             if thresholds is None:  # the whole tensor is in this chunk
                 thresholds = [kth_largest_magnitude(lambda t=tau: [t], merging.kept_count(k, tau.numel())) for tau in taus]
-            tau_star, masks = merging.mmer(taus, k, alpha, lams, thresholds)
+            tau_star, packed = kernels.mmer_packed(taus, alpha, lams, thresholds)
             kept = None
             if new is not None and mode == "sparse":
                 trimmed = merging.trim(taus[-1], k, thresholds[-1])
                 index = trimmed.nonzero().flatten()
                 kept = (index + start, trimmed[index])
-            return tau_star, [merging.pack_mask(m) for m in masks], (taus[-1] if new is not None else None), kept
+            return tau_star, packed, (taus[-1] if new is not None else None), kept
 
         def units():
             """(name, start, stop, thresholds) per chunk; per-tensor thresholds come first, in this thread."""
@@ -426,7 +425,8 @@ def _rebuild(state_dir: Path, manifest: dict, base: Checkpoint, *, k, alpha, lam
                 for writer, p in zip(mask_writers, packed):
                     writer.write(name, p)
             if tau_new is not None:
-                new_nonzero |= tau_new.any()
+                if not new_nonzero:  # one non-zero entry is enough
+                    new_nonzero = bool(tau_new.any())
                 if mode == "exact" and stop > start:
                     task_writer.write(name, tau_new)
             if kept is not None:
@@ -458,7 +458,7 @@ def _rebuild(state_dir: Path, manifest: dict, base: Checkpoint, *, k, alpha, lam
             if pool:
                 pool.shutdown(wait=True)
             bar.close()
-        if new is not None and not bool(new_nonzero):
+        if new is not None and not new_nonzero:
             raise CheckpointError(
                 f"the task vector of '{new_task['name']}' ({new_task['source']}) is zero in every shared tensor: "
                 f"is it the base itself?"
@@ -537,10 +537,9 @@ def _decoupled_tensors(state: store.State, task: dict, base: Checkpoint):
     ones; one tensor at a time."""
     tau_star, masks = state.tau_star(), state.masks(task)
     for name in base.names:
-        info = base.info[name]
-        theta0 = base.read(name)
-        mask = merging.unpack_mask(masks.read(name), info.shape)
-        yield map_name(name, task["name_map"]), merging.decouple(theta0, mask, tau_star.read(name).reshape(info.shape))
+        weights = torch.empty(base.info[name].shape, dtype=base.info[name].dtype)
+        kernels.decouple_into(weights, base.view(name), tau_star.view(name), masks.read(name))
+        yield map_name(name, task["name_map"]), weights
     private = state.private(task)
     if private is not None:
         for name in private.names:
@@ -593,9 +592,9 @@ def export(state_dir, task: str, out_dir, progress: bool = True) -> Path:
 
 class TaskSwitcher:
     """Moves a loaded model between tasks in place, without a reload or a second copy of the weights:
-    every shared tensor becomes theta0 + m_task * tau_star (merging.decouple, computed in place on one
-    float32 buffer per tensor), reading theta0 and tau_star memory-mapped from the base and the state;
-    the task's private parameters are copied in, and the model must have them."""
+    every shared tensor becomes theta0 + m_task * tau_star (merging.decouple's bits, computed straight
+    into the parameter by kernels.decouple_into), reading theta0 and tau_star memory-mapped from the base
+    and the state; the task's private parameters are copied in, and the model must have them."""
 
     def __init__(self, model: torch.nn.Module, state_dir):
         self.state = store.load(state_dir)
@@ -619,11 +618,7 @@ class TaskSwitcher:
             if name not in self.tensors:
                 raise StateError(f"the model has no tensor '{name}', private to task '{task}'")
         for name, target in targets:
-            mask = merging.unpack_mask(masks.read(name), self.base.info[name].shape)
-            # theta0 + m * tau_star as merging.decouple sums it (the same float32 operations, so the same bits)
-            value = self.tau_star.view(name) * mask
-            value += self.base.view(name)
-            target.copy_(value)
+            kernels.decouple_into(target.data, self.base.view(name), self.tau_star.view(name), masks.read(name))
         for name in private.names if private is not None else []:
             self.tensors[name].copy_(private.read(name))
         self.current = task

@@ -1,0 +1,219 @@
+"""Fused loops for the paths that touch every parameter: a fold's task vectors, trim thresholds and
+TIES + masks, and a task switch's decouple. Each does in one pass over memory, on every core, what the
+torch expressions in merging.py do in several passes. They repeat those expressions' float32 operations
+in the same order (torch sums over tasks sequentially from +0.0, casts alpha to float32, rounds float32
+to bfloat16 to nearest even), so their results are bit-identical: tests/test_kernels.py checks each
+against merging.py. Compiled by numba on first use and cached beside this file.
+
+Entry points take and return torch tensors; dtypes or layouts a kernel does not cover go through the
+merging.py expression it replaces.
+"""
+
+import math
+
+import numba
+import numpy as np
+import torch
+from torch import Tensor
+
+from mmer_cl import merging
+
+BLOCK = 1 << 14  # entries per parallel work item: a multiple of 8 (one mask byte), small enough for L2
+_BITS_LUT = ((np.arange(256)[:, None] >> np.arange(8)) & 1).astype(np.float32)  # mask byte -> 8 floats 0/1
+_SIGN = np.uint32(0x80000000)
+_EXPONENT = np.uint32(0x7F800000)
+
+
+def _bits(tensor: Tensor) -> np.ndarray:
+    """A flat numpy view of a contiguous CPU tensor's memory, bfloat16 as uint16."""
+    flat = tensor.detach().reshape(-1)
+    return (flat.view(torch.uint16) if flat.dtype == torch.bfloat16 else flat).numpy()
+
+
+def _fusable(*tensors: Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+
+
+# ---- task vectors ----------------------------------------------------------------------------------
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _delta_bf16(out, finetuned, base):
+    """out = float32(finetuned) - float32(base) over bfloat16 bits; False if an input is NaN or Inf."""
+    n = out.size
+    bad = 0
+    for block in numba.prange((n + BLOCK - 1) // BLOCK):
+        lo = block * BLOCK
+        hi = min(lo + BLOCK, n)
+        a = np.empty(hi - lo, np.uint32)
+        b = np.empty(hi - lo, np.uint32)
+        exponent = np.uint32(0)  # the largest exponent field seen: all ones only for NaN and Inf
+        for i in range(hi - lo):
+            a[i] = np.uint32(finetuned[lo + i]) << 16
+            b[i] = np.uint32(base[lo + i]) << 16
+            exponent = max(exponent, a[i] & _EXPONENT, b[i] & _EXPONENT)
+        fa = a.view(np.float32)
+        fb = b.view(np.float32)
+        for i in range(hi - lo):
+            out[lo + i] = fa[i] - fb[i]
+        bad += exponent == _EXPONENT
+    return bad == 0
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _delta_float(out, finetuned, base):
+    """float32 or float64 weights: subtract in their precision, round to float32 once; False if an input
+    is NaN or Inf (their difference then is too)."""
+    n = out.size
+    bad = 0
+    for block in numba.prange((n + BLOCK - 1) // BLOCK):
+        lo = block * BLOCK
+        hi = min(lo + BLOCK, n)
+        total = 0.0
+        for i in range(lo, hi):
+            delta = finetuned[i] - base[i]
+            out[i] = np.float32(delta)
+            total += delta * 0.0  # NaN iff some delta is NaN or Inf
+        bad += total != 0.0
+    return bad == 0
+
+
+def task_vector(base: Tensor, finetuned: Tensor, name: str = "tensor") -> Tensor:
+    """merging.task_vector (same checks and messages), in one pass for bfloat16, float32 and float64."""
+    if (base.shape != finetuned.shape or base.dtype != finetuned.dtype or not _fusable(base, finetuned)
+            or base.dtype not in (torch.bfloat16, torch.float32, torch.float64)):
+        return merging.task_vector(base, finetuned, name)
+    out = torch.empty(base.shape, dtype=torch.float32)
+    kernel = _delta_bf16 if base.dtype == torch.bfloat16 else _delta_float
+    if not kernel(_bits(out), _bits(finetuned), _bits(base)):
+        merging.task_vector(base, finetuned, name)  # raises, naming the tensor and the model
+    return out
+
+
+# ---- exact k-th largest magnitude: histograms of float32 bits --------------------------------------
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _histogram(bits, bucket, low_half, parts):
+    """Counts of the high 15 bits of |x|, or (low_half) of the low 16 bits of the |x| in that bucket."""
+    n = bits.size
+    size = 1 << 16 if low_half else 1 << 15
+    local = np.zeros((parts, size), np.int64)
+    step = (n + parts - 1) // parts
+    for part in numba.prange(parts):
+        counts = local[part]
+        for i in range(part * step, min(n, (part + 1) * step)):
+            magnitude = bits[i] & 0x7FFFFFFF
+            if not low_half:
+                counts[magnitude >> 16] += 1
+            elif magnitude >> 16 == bucket:
+                counts[magnitude & 0xFFFF] += 1
+    return local.sum(axis=0)
+
+
+def magnitude_histogram(chunk: Tensor, bucket: int | None = None) -> Tensor:
+    """The histogram kth_largest_magnitude needs of a float32 chunk: |x|'s high 16 bits (15 of them, the
+    sign cleared), or, given a high-bits bucket, the low 16 bits of the entries in it."""
+    flat = chunk.detach().reshape(-1).contiguous().float()
+    low = bucket is not None
+    return torch.from_numpy(_histogram(flat.view(torch.int32).numpy(), -1 if bucket is None else bucket, low,
+                                       numba.get_num_threads()))
+
+
+# ---- TIES + MMER masks ----------------------------------------------------------------------------
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _mmer(taus, thresholds, alpha, lams, tau_star, packed):
+    """merging.mmer over [T, n] float32 taus with per-task thresholds: tau_star [n], masks packed [T, n/8].
+    Loops run over a block's entries innermost, so that they vectorise."""
+    n_tasks, n = taus.shape
+    for block in numba.prange((n + BLOCK - 1) // BLOCK):
+        lo = block * BLOCK
+        hi = min(lo + BLOCK, n)
+        total = np.zeros(hi - lo, np.float32)
+        for t in range(n_tasks):
+            row, threshold = taus[t, lo:hi], thresholds[t]
+            for i in range(hi - lo):
+                total[i] += row[i] if abs(row[i]) >= threshold else np.float32(0.0)
+        sign = np.sign(total)
+        kept = np.zeros(hi - lo, np.float32)
+        count = np.zeros(hi - lo, np.float32)
+        for t in range(n_tasks):
+            row, threshold = taus[t, lo:hi], thresholds[t]
+            for i in range(hi - lo):
+                trimmed = row[i] if abs(row[i]) >= threshold else np.float32(0.0)
+                agree = np.float32(trimmed * sign[i] > 0)  # sgn(trimmed) = sign != 0
+                kept[i] += trimmed * agree
+                count[i] += agree
+        for i in range(hi - lo):
+            tau_star[lo + i] = alpha * (kept[i] / max(count[i], np.float32(1.0)))
+        for t in range(n_tasks):
+            for byte in range(lo >> 3, (hi + 7) >> 3):
+                bits = 0
+                for k in range(min(8, hi - 8 * byte)):
+                    x = taus[t, 8 * byte + k]
+                    bits |= (abs(x) >= lams[t] * abs(x - tau_star[8 * byte + k])) << k
+                packed[t, byte] = bits
+
+
+def mmer_packed(taus: Tensor, alpha: float, lams: list[float], thresholds: list[float]) -> tuple[Tensor, Tensor]:
+    """merging.mmer(taus [T, n], k, alpha, lams, thresholds) with the masks bit-packed ([T, ceil(n/8)]
+    uint8, merging.pack_mask's layout): trimmed at the given per-task thresholds."""
+    taus = taus.detach().float().contiguous()
+    n_tasks, n = taus.shape
+    if len(thresholds) != n_tasks or len(lams) != n_tasks:
+        raise ValueError(f"{n_tasks} task vectors, {len(thresholds)} thresholds, {len(lams)} lam values")
+    tau_star = torch.empty(n, dtype=torch.float32)
+    packed = torch.empty((n_tasks, math.ceil(n / 8)), dtype=torch.uint8)
+    _mmer(taus.numpy(), np.array(thresholds, np.float32), np.float32(alpha), np.array(lams, np.float32),
+          tau_star.numpy(), packed.numpy())
+    return tau_star, packed
+
+
+# ---- decouple: theta0 + m * tau_star, written in place -------------------------------------------
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _decouple_bf16(out, theta0, tau_star, packed, lut):
+    """bfloat16 as uint16 bits: bf16 -> f32 is a shift, f32 -> bf16 rounds to nearest even (NaN -> 0x7FC0)."""
+    n = out.size
+    for block in numba.prange((n + BLOCK - 1) // BLOCK):
+        lo = block * BLOCK
+        hi = min(lo + BLOCK, n)
+        bits = np.empty(hi - lo, np.uint32)
+        for i in range(lo, hi):
+            bits[i - lo] = np.uint32(theta0[i]) << 16
+        value = bits.view(np.float32)
+        for i in range(lo, hi):
+            value[i - lo] += lut[packed[i >> 3], i & 7] * tau_star[i]
+        for i in range(hi - lo):
+            b = bits[i]
+            rounded = (b + np.uint32(0x7FFF) + ((b >> 16) & np.uint32(1))) >> 16
+            out[lo + i] = np.uint16(0x7FC0) if (b & np.uint32(0x7FFFFFFF)) > _EXPONENT else np.uint16(rounded)
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _decouple_float(out, theta0, tau_star, packed, lut):
+    """float32 or float64 weights; m * tau_star is a float32 product, as torch computes bool * float32."""
+    n = out.size
+    for block in numba.prange((n + BLOCK - 1) // BLOCK):
+        lo = block * BLOCK
+        hi = min(lo + BLOCK, n)
+        for i in range(lo, hi):
+            out[i] = theta0[i] + lut[packed[i >> 3], i & 7] * tau_star[i]
+
+
+def decouple_into(out: Tensor, theta0: Tensor, tau_star: Tensor, packed: Tensor) -> None:
+    """out <- merging.decouple(theta0, unpack_mask(packed), tau_star), bit for bit, with no temporaries."""
+    n = out.numel()
+    if theta0.numel() != n or tau_star.numel() != n or packed.numel() != math.ceil(n / 8):
+        raise ValueError(f"decouple_into: {n} weights, {theta0.numel()} in theta0, {tau_star.numel()} in tau_star, "
+                         f"{packed.numel()} mask bytes (want {math.ceil(n / 8)})")
+    if (out.dtype not in (torch.bfloat16, torch.float32, torch.float64) or theta0.dtype != out.dtype
+            or tau_star.dtype != torch.float32 or not _fusable(out, theta0, tau_star, packed)):
+        mask = merging.unpack_mask(packed, out.shape)
+        out.copy_(merging.decouple(theta0.reshape(out.shape), mask, tau_star.reshape(out.shape)))
+        return
+    kernel = _decouple_bf16 if out.dtype == torch.bfloat16 else _decouple_float
+    kernel(_bits(out), _bits(theta0), _bits(tau_star), packed.numpy(), _BITS_LUT)
