@@ -146,14 +146,19 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.info
 
-    def read(self, name: str, start: int = 0, stop: int | None = None) -> Tensor:
-        """The tensor `name` in its own shape, or, given a range, its flat elements [start, stop)."""
+    def read(self, name: str, start: int = 0, stop: int | None = None, out: Tensor | None = None) -> Tensor:
+        """The tensor `name` in its own shape, or, given a range, its flat elements [start, stop); into `out`
+        (flat, contiguous, of its dtype) if given."""
         info = self.info.get(name)
         if info is None:
             raise CheckpointError(f"tensor '{name}' is not in {self.folder}")
-        whole = start == 0 and stop is None
+        whole = start == 0 and stop is None and out is None
         stop = info.numel if stop is None else stop
-        out = torch.empty(stop - start, dtype=info.dtype)
+        if out is None:
+            out = torch.empty(stop - start, dtype=info.dtype)
+        elif out.dtype != info.dtype or out.numel() != stop - start or not out.is_contiguous():
+            raise CheckpointError(f"tensor '{name}': cannot read {stop - start} {info.dtype} elements into "
+                                  f"{out.numel()} {out.dtype} ones")
         size = info.dtype.itemsize
         _pread_into(self._fd(info.file), out, info.start + start * size, info.file)
         return out.reshape(info.shape) if whole else out

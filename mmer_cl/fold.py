@@ -7,7 +7,9 @@ each reads the same slice of every source lazily (SPEC, "Continual"):
     tau_star   = alpha * TIES_k(tau_1..tau_T),   m_i = 1[|tau_i| >= lam_i * |tau_i - tau_star|] for every i
 (merging.mmer). In compact mode m_i * tau_star_old carries alpha_old, so it is divided out before the new
 TIES scales by alpha once. A tensor larger than one chunk is trimmed at its exact k-th largest magnitude,
-found by a two-pass histogram over the float bits, so chunking changes no result.
+found by a two-pass histogram over the float bits, so chunking changes no result. Exact and sparse states
+keep each task's thresholds in the manifest, so a fold finds them for the new task only. The per-entry
+work runs in mmer_cl.kernels' fused loops, bit-identical to merging.py.
 
 Shared parameters are the base's names; a task's model may name them differently (LLaVA and Qwen2-Audio
 folders store the language model as `language_model.model.*` and `language_model.lm_head.*`, the plain
@@ -103,10 +105,10 @@ class _ModelSource:
         shared = {map_name(name, self.name_map) for name in base.names}
         self.private_names = [name for name in self.model.names if name not in shared]
 
-    def tau(self, base: Checkpoint, name: str, start: int, stop: int) -> Tensor:
+    def tau(self, base: Checkpoint, name: str, start: int, stop: int, out: Tensor | None = None) -> Tensor:
         mine = map_name(name, self.name_map)
         try:
-            return kernels.task_vector(base.read(name, start, stop), self.model.read(mine, start, stop), name)
+            return kernels.task_vector(base.read(name, start, stop), self.model.read(mine, start, stop), name, out)
         except ValueError as error:
             raise CheckpointError(f"{error} (fine-tuned file {self.model.info[mine].file})") from None
 
@@ -128,8 +130,8 @@ class _LoraSource:
         self.name_map = []
         self.private_names = list(self.adapter.private)
 
-    def tau(self, base: Checkpoint, name: str, start: int, stop: int) -> Tensor:
-        return self.adapter.tau(name, base, start, stop)
+    def tau(self, base: Checkpoint, name: str, start: int, stop: int, out: Tensor | None = None) -> Tensor:
+        return _into(out, self.adapter.tau(name, base, start, stop))
 
     def private(self, name: str, start: int, stop: int) -> Tensor:
         return self.adapter.private[name].reshape(-1)[start:stop]
@@ -153,20 +155,24 @@ class _StoredTask:
         self.alpha_old = state.manifest["alpha"]
         self._sparse: tuple[str, Tensor, Tensor] | None = None
 
-    def tau(self, base: Checkpoint, name: str, start: int, stop: int) -> Tensor:
+    def tau(self, base: Checkpoint, name: str, start: int, stop: int, out: Tensor | None = None) -> Tensor:
         if self.mode == "exact":
-            return self.vectors.read(name, start, stop)
+            return self.vectors.read(name, start, stop, out)
         if self.mode == "sparse":
             cached = self._sparse  # one local reference: worker threads may replace the cache meanwhile
             if cached is None or cached[0] != name:
                 cached = self._sparse = (name, self.vectors.read(f"{name}::index"), self.vectors.read(f"{name}::value"))
             _, index, value = cached
             lo, hi = torch.searchsorted(index, torch.tensor([start, stop])).tolist()
-            dense = torch.zeros(stop - start)
+            dense = torch.zeros(stop - start) if out is None else out.zero_()
             dense[index[lo:hi] - start] = value[lo:hi]
             return dense
         mask = _read_mask(self.masks, name, start, stop)
-        return mask * self.tau_star_old.read(name, start, stop) / self.alpha_old
+        return _into(out, mask * self.tau_star_old.read(name, start, stop) / self.alpha_old)
+
+
+def _into(out: Tensor | None, tensor: Tensor) -> Tensor:
+    return tensor if out is None else out.copy_(tensor)
 
 
 def _read_mask(masks: Checkpoint, name: str, start: int, stop: int) -> Tensor:
@@ -180,7 +186,7 @@ def _read_mask(masks: Checkpoint, name: str, start: int, stop: int) -> Tensor:
 
 def kth_largest_magnitude(chunks, n_keep: int) -> float:
     """The n_keep-th largest |x| over all chunks (an iterable factory, called twice): the value
-    merging.magnitude_threshold gives, in O(chunk) memory and about 4x faster than its top-k: |x| as
+    merging.magnitude_threshold gives, in O(chunk) memory and much faster than its top-k: |x| as
     float32 bits orders like its value, so a histogram of the high 16 bits finds the bucket, a second
     of the low 16 bits the value."""
     if n_keep <= 0:
@@ -376,37 +382,49 @@ def _rebuild(state_dir: Path, manifest: dict, base: Checkpoint, *, k, alpha, lam
         if trim == "global":
             thresholds_global = [_global_threshold(base, source, k) for source in tqdm(
                 sources, desc="global trim thresholds", unit="task", disable=not progress)]
+        # A task's per-tensor trim thresholds depend only on its kept vector and k, which exact and sparse
+        # states never change: the manifest keeps them, so a fold computes them for the new task alone.
+        reuse = mode != "compact" and trim == "tensor"
+        known = [t.get("thresholds", {}).get("values", {}) if reuse and t.get("thresholds", {}).get("k") == k else {}
+                 for t in tasks]
+        found: dict[str, list[float]] = {}
         new_nonzero = False
         sparse_parts: list[tuple[Tensor, Tensor]] = []
 
-        def compute(name: str, start: int, stop: int, thresholds: list[float] | None):
-            taus = torch.stack([source.tau(base, name, start, stop) for source in sources])
-            if thresholds is None:  # the whole tensor is in this chunk
-                thresholds = [kth_largest_magnitude(lambda t=tau: [t], merging.kept_count(k, tau.numel())) for tau in taus]
+        def compute(name: str, start: int, stop: int, thresholds: list[float | None]):
+            taus = torch.empty(len(sources), stop - start)
+            for source, row in zip(sources, taus):
+                source.tau(base, name, start, stop, row)
+            # None: not known, and the whole tensor is in this chunk
+            thresholds = [kth_largest_magnitude(lambda t=tau: [t], merging.kept_count(k, tau.numel())) if thr is None
+                          else thr for tau, thr in zip(taus, thresholds)]
             tau_star, packed = kernels.mmer_packed(taus, alpha, lams, thresholds)
             kept = None
             if new is not None and mode == "sparse":
                 trimmed = merging.trim(taus[-1], k, thresholds[-1])
                 index = trimmed.nonzero().flatten()
                 kept = (index + start, trimmed[index])
-            return tau_star, packed, (taus[-1] if new is not None else None), kept
+            return tau_star, packed, (taus[-1] if new is not None else None), kept, thresholds
 
         def units():
-            """(name, start, stop, thresholds) per chunk; per-tensor thresholds come first, in this thread."""
+            """(name, start, stop, thresholds) per chunk; a tensor in several chunks has its thresholds found
+            first, in this thread."""
             for name in base.names:
                 numel = base.info[name].numel
                 step = max(8, CHUNK_ELEMENTS // n_tasks // 8 * 8)
                 ranges = _ranges(numel, step)
                 if thresholds_global is not None:
                     thresholds = thresholds_global
-                elif len(ranges) == 1:
-                    thresholds = None
-                elif numel <= WHOLE_THRESHOLD_ELEMENTS:  # one task's whole tensor fits: read it once
-                    thresholds = [kth_largest_magnitude(lambda t=s.tau(base, name, 0, numel): [t], merging.kept_count(k, numel))
-                                  for s in sources]
                 else:
-                    thresholds = [kth_largest_magnitude(
-                        lambda s=s: (s.tau(base, name, a, b) for a, b in ranges), merging.kept_count(k, numel)) for s in sources]
+                    thresholds = [values.get(name) for values in known]
+                for i, source in enumerate(sources):
+                    if thresholds[i] is not None or len(ranges) == 1:
+                        continue
+                    if numel <= WHOLE_THRESHOLD_ELEMENTS:  # one task's whole tensor fits: read it once
+                        chunks = lambda t=source.tau(base, name, 0, numel): [t]  # noqa: E731
+                    else:
+                        chunks = lambda s=source: (s.tau(base, name, a, b) for a, b in ranges)  # noqa: E731
+                    thresholds[i] = kth_largest_magnitude(chunks, merging.kept_count(k, numel))
                 for start, stop in ranges:
                     yield name, start, stop, thresholds
 
@@ -419,7 +437,7 @@ def _rebuild(state_dir: Path, manifest: dict, base: Checkpoint, *, k, alpha, lam
         def drain(item):
             nonlocal new_nonzero, done_tensors
             (name, start, stop), result = item
-            tau_star, packed, tau_new, kept = result.result() if pool else result
+            tau_star, packed, tau_new, kept, found[name] = result.result() if pool else result
             if stop > start:  # a tensor with no elements has no chunk to write
                 tau_star_writer.write(name, tau_star)
                 for writer, p in zip(mask_writers, packed):
@@ -464,6 +482,9 @@ def _rebuild(state_dir: Path, manifest: dict, base: Checkpoint, *, k, alpha, lam
                 f"is it the base itself?"
             )
 
+        if reuse:
+            for i, task in enumerate(tasks):
+                task["thresholds"] = {"k": k, "values": {name: found[name][i] for name in base.names}}
         files = {k_: v for k_, v in manifest["files"].items() if not k_.startswith(f"g{manifest['generation']:06d}/")}
         files.update(store.file_entries(gen_dir, gen_rel, tau_star_writer.close()))
         tau_star_files = [f"{gen_rel}/{f}" for f in tau_star_writer.files]

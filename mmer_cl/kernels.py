@@ -20,7 +20,7 @@ from mmer_cl import merging
 
 BLOCK = 1 << 14  # entries per parallel work item: a multiple of 8 (one mask byte), small enough for L2
 _BITS_LUT = ((np.arange(256)[:, None] >> np.arange(8)) & 1).astype(np.float32)  # mask byte -> 8 floats 0/1
-_SIGN = np.uint32(0x80000000)
+_PACK = np.uint64(0x0102040810204080)  # (8 bytes of 0/1 as a little-endian word * _PACK) >> 56 = those 8 bits
 _EXPONENT = np.uint32(0x7F800000)
 
 
@@ -78,12 +78,18 @@ def _delta_float(out, finetuned, base):
     return bad == 0
 
 
-def task_vector(base: Tensor, finetuned: Tensor, name: str = "tensor") -> Tensor:
-    """merging.task_vector (same checks and messages), in one pass for bfloat16, float32 and float64."""
+def task_vector(base: Tensor, finetuned: Tensor, name: str = "tensor", out: Tensor | None = None) -> Tensor:
+    """merging.task_vector (same checks and messages), in one pass for bfloat16, float32 and float64;
+    into `out` (float32, contiguous, as many elements) if given."""
     if (base.shape != finetuned.shape or base.dtype != finetuned.dtype or not _fusable(base, finetuned)
             or base.dtype not in (torch.bfloat16, torch.float32, torch.float64)):
-        return merging.task_vector(base, finetuned, name)
-    out = torch.empty(base.shape, dtype=torch.float32)
+        tau = merging.task_vector(base, finetuned, name)
+        return tau if out is None else out.copy_(tau.reshape(out.shape))
+    if out is None:
+        out = torch.empty(base.shape, dtype=torch.float32)
+    elif out.dtype != torch.float32 or out.numel() != base.numel() or not _fusable(out):
+        raise ValueError(f"tensor '{name}': the task vector of {base.numel()} entries needs a contiguous float32 "
+                         f"output of as many, got {out.numel()} {out.dtype}")
     kernel = _delta_bf16 if base.dtype == torch.bfloat16 else _delta_float
     if not kernel(_bits(out), _bits(finetuned), _bits(base)):
         merging.task_vector(base, finetuned, name)  # raises, naming the tensor and the model
@@ -148,13 +154,14 @@ def _mmer(taus, thresholds, alpha, lams, tau_star, packed):
                 count[i] += agree
         for i in range(hi - lo):
             tau_star[lo + i] = alpha * (kept[i] / max(count[i], np.float32(1.0)))
+        flags = np.zeros((hi - lo + 7) // 8 * 8, np.uint8)  # one byte per entry, 0 past hi
+        words = flags.view(np.uint64)
         for t in range(n_tasks):
-            for byte in range(lo >> 3, (hi + 7) >> 3):
-                bits = 0
-                for k in range(min(8, hi - 8 * byte)):
-                    x = taus[t, 8 * byte + k]
-                    bits |= (abs(x) >= lams[t] * abs(x - tau_star[8 * byte + k])) << k
-                packed[t, byte] = bits
+            row, lam = taus[t, lo:hi], lams[t]
+            for i in range(hi - lo):
+                flags[i] = abs(row[i]) >= lam * abs(row[i] - tau_star[lo + i])
+            for j in range(words.size):  # 8 flag bytes -> 8 bits, the first entry lowest
+                packed[t, (lo >> 3) + j] = np.uint8((words[j] * _PACK) >> np.uint64(56))
 
 
 def mmer_packed(taus: Tensor, alpha: float, lams: list[float], thresholds: list[float]) -> tuple[Tensor, Tensor]:

@@ -111,6 +111,15 @@ def test_refit_equals_folding_with_the_new_settings(llamas, tmp_path):
         F.refit(tmp_path / "c", alpha=2.0)
 
 
+def test_refit_with_a_new_k_trims_afresh(llamas, tmp_path):
+    fold_all(tmp_path / "a", llamas, "exact")  # the manifest keeps each task's thresholds at k = 0.2
+    assert store.read_manifest(tmp_path / "a")["tasks"][0]["thresholds"]["k"] == 0.2
+    F.refit(tmp_path / "a", k=0.3)
+    fold_all(tmp_path / "b", llamas, "exact", k=0.3)
+    (tau_star_a, masks_a), (tau_star_b, masks_b) = read_state(tmp_path / "a"), read_state(tmp_path / "b")
+    assert all(torch.equal(tau_star_a[n], tau_star_b[n]) and torch.equal(masks_a[n], masks_b[n]) for n in tau_star_a)
+
+
 def test_export_loads_and_switching_is_in_place(llamas, tmp_path):
     fold_all(tmp_path / "s", llamas, "compact")
     expected = {t: F.decoupled_state_dict(tmp_path / "s", f"task{t}") for t in range(T)}
