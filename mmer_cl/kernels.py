@@ -18,6 +18,8 @@ from torch import Tensor
 
 from mmer_cl import merging
 
+# Fold workers call kernels from several threads at once: only the TBB and OpenMP layers allow that.
+numba.config.THREADING_LAYER = "threadsafe"
 BLOCK = 1 << 14  # entries per parallel work item: a multiple of 8 (one mask byte), small enough for L2
 _BITS_LUT = ((np.arange(256)[:, None] >> np.arange(8)) & 1).astype(np.float32)  # mask byte -> 8 floats 0/1
 _PACK = np.uint64(0x0102040810204080)  # (8 bytes of 0/1 as a little-endian word * _PACK) >> 56 = those 8 bits
@@ -45,17 +47,18 @@ def _delta_bf16(out, finetuned, base):
     for block in numba.prange((n + BLOCK - 1) // BLOCK):
         lo = block * BLOCK
         hi = min(lo + BLOCK, n)
+        mine, theirs, o = finetuned[lo:hi], base[lo:hi], out[lo:hi]
         a = np.empty(hi - lo, np.uint32)
         b = np.empty(hi - lo, np.uint32)
         exponent = np.uint32(0)  # the largest exponent field seen: all ones only for NaN and Inf
         for i in range(hi - lo):
-            a[i] = np.uint32(finetuned[lo + i]) << 16
-            b[i] = np.uint32(base[lo + i]) << 16
+            a[i] = np.uint32(mine[i]) << 16
+            b[i] = np.uint32(theirs[i]) << 16
             exponent = max(exponent, a[i] & _EXPONENT, b[i] & _EXPONENT)
         fa = a.view(np.float32)
         fb = b.view(np.float32)
         for i in range(hi - lo):
-            out[lo + i] = fa[i] - fb[i]
+            o[i] = fa[i] - fb[i]
         bad += exponent == _EXPONENT
     return bad == 0
 
@@ -69,10 +72,11 @@ def _delta_float(out, finetuned, base):
     for block in numba.prange((n + BLOCK - 1) // BLOCK):
         lo = block * BLOCK
         hi = min(lo + BLOCK, n)
+        mine, theirs, o = finetuned[lo:hi], base[lo:hi], out[lo:hi]
         total = 0.0
-        for i in range(lo, hi):
-            delta = finetuned[i] - base[i]
-            out[i] = np.float32(delta)
+        for i in range(hi - lo):
+            delta = mine[i] - theirs[i]
+            o[i] = np.float32(delta)
             total += delta * 0.0  # NaN iff some delta is NaN or Inf
         bad += total != 0.0
     return bad == 0
@@ -107,9 +111,9 @@ def _histogram(bits, bucket, low_half, parts):
     local = np.zeros((parts, size), np.int64)
     step = (n + parts - 1) // parts
     for part in numba.prange(parts):
-        counts = local[part]
-        for i in range(part * step, min(n, (part + 1) * step)):
-            magnitude = bits[i] & 0x7FFFFFFF
+        counts, mine = local[part], bits[part * step:(part + 1) * step]
+        for i in range(mine.size):
+            magnitude = mine[i] & 0x7FFFFFFF
             if not low_half:
                 counts[magnitude >> 16] += 1
             elif magnitude >> 16 == bucket:
@@ -152,16 +156,17 @@ def _mmer(taus, thresholds, alpha, lams, tau_star, packed):
                 agree = np.float32(trimmed * sign[i] > 0)  # sgn(trimmed) = sign != 0
                 kept[i] += trimmed * agree
                 count[i] += agree
+        merged = tau_star[lo:hi]
         for i in range(hi - lo):
-            tau_star[lo + i] = alpha * (kept[i] / max(count[i], np.float32(1.0)))
+            merged[i] = alpha * (kept[i] / max(count[i], np.float32(1.0)))
         flags = np.zeros((hi - lo + 7) // 8 * 8, np.uint8)  # one byte per entry, 0 past hi
         words = flags.view(np.uint64)
         for t in range(n_tasks):
-            row, lam = taus[t, lo:hi], lams[t]
+            row, lam, out = taus[t, lo:hi], lams[t], packed[t, lo >> 3:]
             for i in range(hi - lo):
-                flags[i] = abs(row[i]) >= lam * abs(row[i] - tau_star[lo + i])
+                flags[i] = abs(row[i]) >= lam * abs(row[i] - merged[i])
             for j in range(words.size):  # 8 flag bytes -> 8 bits, the first entry lowest
-                packed[t, (lo >> 3) + j] = np.uint8((words[j] * _PACK) >> np.uint64(56))
+                out[j] = np.uint8((words[j] * _PACK) >> np.uint64(56))
 
 
 def mmer_packed(taus: Tensor, alpha: float, lams: list[float], thresholds: list[float]) -> tuple[Tensor, Tensor]:
@@ -188,16 +193,22 @@ def _decouple_bf16(out, theta0, tau_star, packed, lut):
     for block in numba.prange((n + BLOCK - 1) // BLOCK):
         lo = block * BLOCK
         hi = min(lo + BLOCK, n)
+        # slices: indexing them vectorises, indexing the arguments at lo + i does not
+        o, weights, ta, bytes_ = out[lo:hi], theta0[lo:hi], tau_star[lo:hi], packed[lo >> 3:]
         bits = np.empty(hi - lo, np.uint32)
-        for i in range(lo, hi):
-            bits[i - lo] = np.uint32(theta0[i]) << 16
+        for i in range(hi - lo):
+            bits[i] = np.uint32(weights[i]) << 16
         value = bits.view(np.float32)
-        for i in range(lo, hi):
-            value[i - lo] += lut[packed[i >> 3], i & 7] * tau_star[i]
+        for j in range((hi - lo) // 8):
+            row = lut[bytes_[j]]
+            for k in range(8):
+                value[8 * j + k] += row[k] * ta[8 * j + k]
+        for i in range((hi - lo) // 8 * 8, hi - lo):
+            value[i] += lut[bytes_[i >> 3], i & 7] * ta[i]
         for i in range(hi - lo):
             b = bits[i]
             rounded = (b + np.uint32(0x7FFF) + ((b >> 16) & np.uint32(1))) >> 16
-            out[lo + i] = np.uint16(0x7FC0) if (b & np.uint32(0x7FFFFFFF)) > _EXPONENT else np.uint16(rounded)
+            o[i] = np.uint16(0x7FC0) if (b & np.uint32(0x7FFFFFFF)) > _EXPONENT else np.uint16(rounded)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
@@ -207,8 +218,13 @@ def _decouple_float(out, theta0, tau_star, packed, lut):
     for block in numba.prange((n + BLOCK - 1) // BLOCK):
         lo = block * BLOCK
         hi = min(lo + BLOCK, n)
-        for i in range(lo, hi):
-            out[i] = theta0[i] + lut[packed[i >> 3], i & 7] * tau_star[i]
+        o, weights, ta, bytes_ = out[lo:hi], theta0[lo:hi], tau_star[lo:hi], packed[lo >> 3:]
+        for j in range((hi - lo) // 8):
+            row = lut[bytes_[j]]
+            for k in range(8):
+                o[8 * j + k] = weights[8 * j + k] + row[k] * ta[8 * j + k]
+        for i in range((hi - lo) // 8 * 8, hi - lo):
+            o[i] = weights[i] + lut[bytes_[i >> 3], i & 7] * ta[i]
 
 
 def decouple_into(out: Tensor, theta0: Tensor, tau_star: Tensor, packed: Tensor) -> None:
