@@ -4,8 +4,9 @@ Reading: a folder of safetensors (one file, or shards named by `model.safetensor
 by parsing each file's header; a tensor, or a flat range of its elements, is then read with `pread` into a
 fresh tensor. Nothing is memory-mapped, so a process's resident memory holds only the tensors it asked for.
 Writing: `ShardWriter` streams tensors into shards of at most `max_shard_bytes`, hashing each file as it
-goes, on a thread of its own so that the caller computes the next tensor meanwhile; with a plan (names, dtypes, shapes known up front) the header is written first and data follows in
-order, so a tensor can arrive in chunks and is never held whole.
+goes, on a thread of its own so that the caller computes the next tensor meanwhile; with a plan (names,
+dtypes, shapes known up front) the header is written first and data follows in order, so a tensor can
+arrive in chunks and is never held whole.
 A PEFT LoRA adapter folder reads as dense task vectors `scaling * B @ A` keyed by the base's names.
 """
 

@@ -559,7 +559,7 @@ def _decoupled_tensors(state: store.State, task: dict, base: Checkpoint):
     tau_star, masks = state.tau_star(), state.masks(task)
     for name in base.names:
         weights = torch.empty(base.info[name].shape, dtype=base.info[name].dtype)
-        kernels.decouple_into(weights, base.view(name), tau_star.view(name), masks.read(name))
+        kernels.decouple_into(weights, base.read(name), tau_star.read(name), masks.read(name))
         yield map_name(name, task["name_map"]), weights
     private = state.private(task)
     if private is not None:
