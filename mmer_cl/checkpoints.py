@@ -3,18 +3,18 @@
 Reading: a folder of safetensors (one file, or shards named by `model.safetensors.index.json`) is opened
 by parsing each file's header; a tensor, or a flat range of its elements, is then read with `pread` into a
 fresh tensor. Nothing is memory-mapped, so a process's resident memory holds only the tensors it asked for.
-Writing: `ShardWriter` streams tensors into shards of at most `max_shard_bytes`, hashing each file as it
-goes, on a thread of its own so that the caller computes the next tensor meanwhile; with a plan (names,
-dtypes, shapes known up front) the header is written first and data follows in order, so a tensor can
-arrive in chunks and is never held whole.
-A PEFT LoRA adapter folder reads as dense task vectors `scaling * B @ A` keyed by the base's names.
+Writing: `PlannedWriter` (names, dtypes and shapes known up front: each header written first, data
+following in order, so a tensor can arrive in chunks and is never held whole) and `BufferedWriter` (sizes
+known only once computed) stream tensors into shards of at most `max_shard_bytes`, hashing each file as it
+goes, on a thread of their own so that the caller computes the next tensor meanwhile.
+`TensorCheckpoint` puts tensors in memory behind the same reading interface; `read_adapter` reads a PEFT
+adapter folder (what its factors mean is sources.py's business).
 """
 
 import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import struct
 import warnings
@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mmer_cl import merging
 
 INDEX_FILE = "model.safetensors.index.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -60,8 +59,18 @@ class TensorInfo:
 
 
 def read_header(path: Path) -> tuple[dict, int]:
-    """(header, data_start) of a safetensors file, checked against the file's size so a truncated or
-    corrupt file fails here, naming itself, instead of deep inside a merge."""
+    """(header, data_start) of a safetensors file, validated as strictly as the safetensors library does,
+    so a truncated, corrupt or crafted file fails here, naming itself and the tensor, instead of deep inside
+    a merge (where, say, a negative offset would read header bytes as weights).
+
+    The header must be a JSON object of 8 + length <= file size bytes (length at most 100 MB); `__metadata__`,
+    if present, maps strings to strings; every other entry has a known `dtype`, a `shape` of non-negative
+    integers and `data_offsets` [begin, end] of non-negative integers with begin <= end and end - begin =
+    numel * itemsize. Sorted by offset, the tensors must tile the data section exactly: the first begins at
+    0, each begins where the one before it ends (no gap, no two tensors sharing a byte), the last ends at the
+    end of the file. Deliberately stricter than the library: a key that appears twice in one JSON object is
+    refused (the library keeps the last of two equal tensor names), and only the dtypes in DTYPES are read.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"missing weight file {path}")
@@ -71,33 +80,99 @@ def read_header(path: Path) -> tuple[dict, int]:
         if len(raw) < 8:
             raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, shorter than its 8-byte header length)")
         (length,) = struct.unpack("<Q", raw)
-        if length > min(size - 8, _MAX_HEADER):
+        if length > _MAX_HEADER:
+            raise CheckpointError(f"{path}: corrupt safetensors header (claims {length} bytes, more than the "
+                                  f"{_MAX_HEADER} the format allows)")
+        if length > size - 8:
             raise CheckpointError(f"{path}: corrupt or truncated safetensors header (claims {length} bytes, file has {size})")
         try:
-            header = json.loads(f.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            header = json.loads(f.read(length).decode("utf-8"), object_pairs_hook=_unique_keys,
+                                parse_constant=_no_constant)
+        except ValueError as error:  # UnicodeDecodeError, JSONDecodeError, a duplicate key, NaN
             raise CheckpointError(f"{path}: corrupt safetensors header ({error})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     data_start = 8 + length
-    end = 0
+    _check_layout(path, header, size - data_start)
+    return header, data_start
+
+
+_USIZE = 1 << 64  # the library reads offsets and dimensions as u64
+
+
+def _unique_keys(pairs: list) -> dict:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        twice = next(key for i, key in enumerate(keys) if key in keys[:i])
+        raise ValueError(f"key '{twice}' appears twice in one JSON object")
+    return dict(pairs)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _is_index(value) -> bool:
+    return type(value) is int and 0 <= value < _USIZE  # bool is an int subclass: excluded
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _check_layout(path: Path, header: dict, data_size: int) -> None:
+    """Every entry of a parsed safetensors header well formed, and the tensors tiling [0, data_size)."""
+    metadata = header.get("__metadata__")
+    if "__metadata__" in header and not (
+        isinstance(metadata, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+    ):
+        raise CheckpointError(f"{path}: corrupt safetensors header: '__metadata__' must map strings to strings, "
+                              f"got {_short(metadata)}")
+    spans = []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype = DTYPES[entry["dtype"]]
-            begin, stop = entry["data_offsets"]
-            expected = math.prod(entry["shape"]) * dtype.itemsize
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt safetensors entry for tensor '{name}': {entry}") from None
-        if stop - begin != expected:
-            raise CheckpointError(f"{path}: tensor '{name}' spans {stop - begin} bytes, its shape needs {expected}")
-        end = max(end, stop)
-    if data_start + end != size:
-        raise CheckpointError(
-            f"{path}: truncated or corrupt safetensors file: its header needs {data_start + end} bytes, it has {size}"
-        )
-    return header, data_start
+        where = f"{path}: tensor '{name}'"
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"{where}: corrupt safetensors entry {_short(entry)} (not a JSON object)")
+        missing = [key for key in ("dtype", "shape", "data_offsets") if key not in entry]
+        if missing:
+            raise CheckpointError(f"{where}: corrupt safetensors entry {_short(entry)} (no {', '.join(missing)})")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise CheckpointError(f"{where}: unknown or unsupported dtype {_short(dtype)} "
+                                  f"(this library reads {', '.join(DTYPES)})")
+        if not isinstance(shape, list) or not all(_is_index(d) for d in shape):
+            raise CheckpointError(f"{where}: shape must be a list of non-negative integers, got {_short(shape)}")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_index(o) for o in offsets):
+            raise CheckpointError(f"{where}: data_offsets must be two non-negative integers [begin, end], "
+                                  f"got {_short(offsets)}")
+        begin, end = offsets
+        if begin > end:
+            raise CheckpointError(f"{where}: data_offsets {offsets} end before they begin")
+        needed = math.prod(shape) * DTYPES[dtype].itemsize
+        if end - begin != needed:
+            raise CheckpointError(f"{where} spans {end - begin} bytes, its shape {shape} of {dtype} needs {needed}")
+        spans.append((begin, end, name))
+    spans.sort()
+    position, previous = 0, None  # end of the data covered so far, and the tensor that ends there
+    for begin, end, name in spans:
+        if begin < position:
+            raise CheckpointError(f"{path}: tensor '{name}' (bytes [{begin}, {end}) of the data) overlaps tensor "
+                                  f"'{previous[2]}' (bytes [{previous[0]}, {previous[1]})): tensors may not share bytes")
+        if begin > position:
+            before = f"tensor '{previous[2]}' ends at byte {position}" if previous else "the data begins at byte 0"
+            raise CheckpointError(f"{path}: tensor '{name}' begins at byte {begin} of the data, but {before}: "
+                                  f"a gap of {begin - position} bytes that no tensor owns")
+        position, previous = end, (begin, end, name)
+    if position > data_size:
+        raise CheckpointError(f"{path}: truncated or corrupt safetensors file: tensor '{previous[2]}' ends at byte "
+                              f"{position} of the data, the file holds {data_size} bytes of data")
+    if position < data_size:
+        owner = f"the last tensor '{previous[2]}' ends at byte {position}" if previous else "no tensor is in its header"
+        raise CheckpointError(f"{path}: corrupt safetensors file: {owner}, but {data_size} bytes of data follow the "
+                              f"header: {data_size - position} bytes that no tensor owns")
 
 
 def _infos(path: Path) -> dict[str, TensorInfo]:
@@ -195,6 +270,10 @@ class Checkpoint:
     def nbytes(self) -> int:
         return sum(info.stop - info.start for info in self.info.values())
 
+    def fingerprint(self) -> dict:
+        """{file name: header_digest}: names, shapes, dtypes and layout of every weight file."""
+        return {p.name: header_digest(p) for p in self.files}
+
 
 def _pread_into(fd: int, out: Tensor, offset: int, path: Path) -> None:
     if out.numel() == 0:
@@ -237,94 +316,59 @@ def is_lora_adapter(folder: Path) -> bool:
     return (Path(folder) / ADAPTER_CONFIG).is_file()
 
 
-# ---- LoRA adapters --------------------------------------------------------------------------------
+# ---- in memory, and adapters ---------------------------------------------------------------------
 
 
-class LoraAdapter:
-    """A PEFT LoRA adapter folder as dense task vectors over a base: tau[n] = scaling * B @ A for every
-    adapted weight n of the base (zeros elsewhere); `modules_to_save` copies of base weights give
-    tau = w - theta0; weights the base lacks are this task's private parameters.
+class TensorCheckpoint(Checkpoint):
+    """Tensors in memory behind Checkpoint's reading interface, so that a model's state dict folds without
+    being written out first. `fingerprint()` hashes the tensors' bytes."""
 
-    PEFT names a factor `base_model.model.<module>.lora_A.weight`; its base weight is `<module>.weight`.
-    """
+    def __init__(self, tensors, config: dict | None = None):
+        self._fds, self._mmaps, self.folder, self.files, self._config = {}, {}, None, [], dict(config or {})
+        self.tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
+        self.info = {name: TensorInfo(None, t.dtype, tuple(t.shape), 0, t.numel() * t.element_size())
+                     for name, t in self.tensors.items()}
+        self.names = list(self.info)
 
-    _FACTOR = re.compile(r"^(?:base_model\.model\.)?(.+)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?(?:\.weight)?$")
+    @property
+    def config(self) -> dict:
+        return self._config
 
-    def __init__(self, folder: str | Path, base: Checkpoint):
-        self.folder = Path(folder)
-        self.config = json.loads((self.folder / ADAPTER_CONFIG).read_text())
-        if self.config.get("peft_type", "LORA") != "LORA":
-            raise CheckpointError(f"{self.folder}: a {self.config.get('peft_type')} adapter, only LoRA is supported")
-        if self.config.get("use_dora"):
-            raise CheckpointError(f"{self.folder}: DoRA adapters have no plain B @ A delta; not supported")
-        weights = Checkpoint([self.folder / ADAPTER_WEIGHTS])
-        factors: dict[str, dict[str, Tensor]] = {}
-        self.full: dict[str, Tensor] = {}  # base weights replaced whole (modules_to_save), by base name
-        self.private: dict[str, Tensor] = {}
-        for name in weights.names:
-            match = self._FACTOR.match(name)
-            if match:
-                module, kind = match.groups()
-                factors.setdefault(module, {})[kind] = weights.read(name)
-                continue
-            plain = name.removeprefix("base_model.model.").replace(".modules_to_save.default", "")
-            (self.full if plain in base else self.private)[plain] = weights.read(name)
-        weights.close()
-        self.deltas: dict[str, tuple[Tensor, Tensor, float, bool]] = {}
-        for module, pair in factors.items():
-            embedding = "lora_embedding_A" in pair
-            a = pair.get("lora_embedding_A" if embedding else "lora_A")
-            b = pair.get("lora_embedding_B" if embedding else "lora_B")
-            if a is None or b is None:
-                raise CheckpointError(f"{self.folder}: module '{module}' has only one of its LoRA factors")
-            target = f"{module}.weight"
-            if target not in base:
-                raise CheckpointError(
-                    f"{self.folder}: LoRA adapter for another base: it adapts '{target}', "
-                    f"which the base {base.folder} does not have"
-                )
-            # PEFT's Embedding layer computes (B @ A)^T, as a fan_in_fan_out Linear does.
-            fan_in_fan_out = embedding or bool(self.config.get("fan_in_fan_out"))
-            shape = tuple(a.shape[1:2]) + tuple(b.shape[:1]) if fan_in_fan_out else (b.shape[0], a.shape[1])
-            if shape != base.info[target].shape:
-                raise CheckpointError(
-                    f"{self.folder}: LoRA adapter for another base: '{target}' gets a delta of shape {shape}, "
-                    f"the base's is {base.info[target].shape}"
-                )
-            self.deltas[target] = (a, b, self._scaling(module, a.shape[0]), fan_in_fan_out)
-        for name, tensor in self.full.items():
-            if tensor.shape != base.info[name].shape:
-                raise CheckpointError(
-                    f"{self.folder}: LoRA adapter for another base: '{name}' has shape {tuple(tensor.shape)}, "
-                    f"the base's is {base.info[name].shape}"
-                )
-        if not self.deltas and not self.full:
-            raise CheckpointError(f"{self.folder}: the adapter changes no weight of the base")
-        self._cache: tuple[str, Tensor] | None = None
+    def read(self, name: str, start: int = 0, stop: int | None = None, out: Tensor | None = None) -> Tensor:
+        if name not in self.tensors:
+            raise CheckpointError(f"tensor '{name}' is not among the {len(self.tensors)} tensors given")
+        tensor = self.tensors[name]
+        if start == 0 and stop is None and out is None:
+            return tensor
+        flat = tensor.reshape(-1)[start:stop]
+        return flat.clone() if out is None else out.copy_(flat)
 
-    def _scaling(self, module: str, rank: int) -> float:
-        """PEFT's scaling: lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA; per-module patterns win."""
-        alpha = self.config.get("lora_alpha", 8)
-        for key, value in (self.config.get("rank_pattern") or {}).items():
-            if module == key or module.endswith("." + key):
-                rank = value
-        for key, value in (self.config.get("alpha_pattern") or {}).items():
-            if module == key or module.endswith("." + key):
-                alpha = value
-        return alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
+    def view(self, name: str) -> Tensor:
+        return self.tensors[name]
 
-    def tau(self, name: str, base: Checkpoint, start: int, stop: int) -> Tensor:
-        """Flat float32 task vector of base tensor `name`, elements [start, stop)."""
-        if name in self.deltas:
-            cached = self._cache  # one local reference: worker threads may replace the cache meanwhile
-            if cached is None or cached[0] != name:
-                a, b, scaling, fan_in_fan_out = self.deltas[name]
-                cached = self._cache = (name, merging.lora_delta(a, b, scaling, fan_in_fan_out).contiguous().view(-1))
-            return cached[1][start:stop]
-        if name in self.full:
-            theta0 = base.read(name, start, stop)
-            return merging.task_vector(theta0, self.full[name].reshape(-1)[start:stop].to(theta0.dtype), name)
-        return torch.zeros(stop - start)
+    def fingerprint(self) -> dict:
+        digest = hashlib.sha256()
+        for name, tensor in self.tensors.items():
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+        return {"<memory>": digest.hexdigest()}
+
+
+def read_adapter(folder: Path) -> tuple[dict, dict[str, Tensor]]:
+    """A PEFT adapter folder's adapter_config.json and weights (adapter_model.safetensors), read whole:
+    adapters are small."""
+    folder = Path(folder)
+    path = folder / ADAPTER_CONFIG
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: not a readable adapter config ({error})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: not a readable adapter config (not a JSON object)")
+    weights = Checkpoint([folder / ADAPTER_WEIGHTS])
+    tensors = {name: weights.read(name) for name in weights.names}
+    weights.close()
+    return config, tensors
 
 
 # ---- writing ----------------------------------------------------------------------------------------
@@ -363,101 +407,35 @@ def _write_and_hash(file, digest, data) -> None:
     digest.update(data)
 
 
-class ShardWriter:
-    """Writes tensors into `<stem>-0000i-of-0000n.safetensors` (or `<stem>.safetensors` when one shard
-    is enough) of at most `max_shard_bytes` each, fsyncs them and records each file's sha256.
+class _ShardFiles:
+    """What both writers share: shard files `<stem>-0000i-of-0000n.safetensors` (`<stem>.safetensors` when
+    one is enough) written, hashed and fsynced in order on a thread of the writer's own, at most a few
+    chunks behind, so the caller computes the next chunk meanwhile. Errors surface at the next write or at
+    close(). `files` maps each file name to its sha256, `weight_map` each tensor to its file."""
 
-    With `plan` [(name, dtype, shape), ...] the shards are laid out up front and `write` may deliver a
-    tensor in consecutive flat chunks, in plan order. Without a plan, whole tensors are buffered until a
-    shard is full (used for sparse vectors, whose sizes are known only once computed).
-    """
-
-    def __init__(self, folder: Path, stem: str, max_shard_bytes: int, plan=None, metadata: dict | None = None):
+    def __init__(self, folder: Path, stem: str, max_shard_bytes: int, metadata: dict | None = None):
         self.folder, self.stem, self.max_shard_bytes, self.metadata = Path(folder), stem, max_shard_bytes, metadata
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.files: dict[str, str] = {}  # file name -> sha256
-        self.weight_map: dict[str, str] = {}
+        self.files: dict[str, str] = {}
         self.sizes: dict[str, int] = {}
-        self.planned = plan is not None
-        self._buffer: list[tuple[str, Tensor]] = []
-        self._buffered = 0
+        self.weight_map: dict[str, str] = {}
         self._io: ThreadPoolExecutor | None = None
         self._jobs: deque = deque()
-        self._shards: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = []
-        if self.planned:
-            for entry in plan:
-                size = math.prod(entry[2]) * entry[1].itemsize
-                if not self._shards or (self._shard_bytes(self._shards[-1]) + size > max_shard_bytes and self._shards[-1]):
-                    self._shards.append([])
-                self._shards[-1].append(entry)
-            self._queue = [(i, e) for i, shard in enumerate(self._shards) for e in shard]
-            self._position = 0  # index into _queue of the tensor being written
-            self._written = 0  # elements of that tensor written so far
-            self._file = None
-            self._shard = -1
-
-    @staticmethod
-    def _shard_bytes(shard) -> int:
-        return sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in shard)
+        self._file = None
 
     def _name(self, index: int, count: int) -> str:
         return f"{self.stem}.safetensors" if count == 1 else f"{self.stem}-{index + 1:05d}-of-{count:05d}.safetensors"
 
-    def write(self, name: str, tensor: Tensor) -> None:
-        if not self.planned:
-            self._buffer.append((name, tensor.detach().contiguous().cpu()))
-            self._buffered += tensor.numel() * tensor.element_size()
-            if self._buffered >= self.max_shard_bytes:
-                self._flush_buffer()
-            return
-        self._skip_empty()
-        if self._position >= len(self._queue):
-            raise CheckpointError(f"writer '{self.stem}': tensor '{name}' is not in its plan")
-        shard, (planned, dtype, shape) = self._queue[self._position]
-        if name != planned or tensor.dtype != dtype:
-            raise CheckpointError(
-                f"writer '{self.stem}': got '{name}' ({tensor.dtype}), the plan expects '{planned}' ({dtype})"
-            )
-        if shard != self._shard:
-            self._open(shard)
-        self._append(tensor)
-        self._written += tensor.numel()
-        numel = math.prod(shape)
-        if self._written > numel:
-            raise CheckpointError(f"writer '{self.stem}': more than {numel} elements written to '{name}'")
-        if self._written == numel:
-            self.weight_map[name] = self._current
-            self._position += 1
-            self._written = 0
-            if self._position == len(self._queue) or self._queue[self._position][0] != shard:
-                self._close_file()
-
-    def _skip_empty(self) -> None:
-        """Tensors with no elements never arrive as chunks; record them as they come up in the plan."""
-        while self._position < len(self._queue) and self._written == 0:
-            shard, (name, dtype, shape) = self._queue[self._position]
-            if math.prod(shape):
-                return
-            if shard != self._shard:
-                self._open(shard)
-            self.weight_map[name] = self._current
-            self._position += 1
-            if self._position == len(self._queue) or self._queue[self._position][0] != shard:
-                self._close_file()
-
-    def _open(self, shard: int) -> None:
-        self._shard = shard
-        self._current = self._name(shard, len(self._shards))
-        self._file = open(self.folder / self._current, "wb")
+    def _open(self, name: str, entries) -> None:
+        self._current = name
+        self._file = open(self.folder / name, "wb")
         self._digest = hashlib.sha256()
-        self._append_bytes(_header_bytes(self._shards[shard], self.metadata))
+        self._later(_write_and_hash, self._file, self._digest, _header_bytes(entries, self.metadata))
 
     def _append(self, tensor: Tensor) -> None:
         if tensor.numel():
-            self._append_bytes(memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
-
-    def _append_bytes(self, data) -> None:
-        self._later(_write_and_hash, self._file, self._digest, data)
+            data = memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+            self._later(_write_and_hash, self._file, self._digest, data)
 
     def _close_file(self) -> None:
         self._later(self._finish_file, self._file, self._digest, self._current)
@@ -471,8 +449,6 @@ class ShardWriter:
         self.files[name] = digest.hexdigest()
 
     def _later(self, job, *args) -> None:
-        """Runs file work (write, hash, fsync) in order on this writer's thread, at most a few jobs behind
-        (each holds its chunk in memory); a job's error is raised here on a later call, or by close()."""
         if self._io is None:
             self._io = ThreadPoolExecutor(1, thread_name_prefix=f"write-{self.stem}")
         self._jobs.append(self._io.submit(job, *args))
@@ -486,50 +462,120 @@ class ShardWriter:
             self._io.shutdown()
             self._io = None
 
-    def _flush_buffer(self) -> None:
-        if not self._buffer:
-            return
-        self._shards.append([(n, t.dtype, tuple(t.shape)) for n, t in self._buffer])
-        # the final count of shards is unknown while buffering: name by index, renamed in close()
-        self._open(len(self._shards) - 1)
-        for name, tensor in self._buffer:
-            self._append(tensor)
-            self.weight_map[name] = self._current
-        self._close_file()
-        self._buffer, self._buffered = [], 0
-
-    def close(self) -> dict[str, str]:
-        """Finish every shard; returns {file name: sha256}. Fills a planned writer's empty tensors."""
-        if self.planned:
-            self._skip_empty()
-            if self._position < len(self._queue):
-                name = self._queue[self._position][1][0]
-                raise CheckpointError(f"writer '{self.stem}': tensor '{name}' was not written in full")
-            self._wait()
-            return self.files
-        self._flush_buffer()
-        if not self._shards:  # nothing to store still makes a valid, empty file
-            self._shards.append([])
-            self._open(0)
-            self._close_file()
-        self._wait()
-        count = len(self._shards)
-        if count > 1:  # shards were named as if each were the last one; give them their final names
-            renamed = {}
-            for index, old in enumerate(list(self.files)):
-                new = self._name(index, count)
-                os.replace(self.folder / old, self.folder / new)
-                renamed[new] = self.files[old]
-                self.sizes[new] = self.sizes.pop(old)
-                self.weight_map = {k: (new if v == old else v) for k, v in self.weight_map.items()}
-            self.files = renamed
-        return self.files
-
     def write_index(self) -> None:
         """model.safetensors.index.json, as transformers writes it, when there is more than one shard."""
         if len(self.files) > 1:
             index = {"metadata": {"total_size": sum(self.sizes.values())}, "weight_map": self.weight_map}
             (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2))
+
+
+class PlannedWriter(_ShardFiles):
+    """Shards laid out up front from a plan [(name, dtype, shape), ...] of at most `max_shard_bytes` each:
+    each header is written first and data follows, so `write(name, chunk)` may deliver a tensor in
+    consecutive flat chunks, in plan order, and no tensor is ever held whole."""
+
+    def __init__(self, folder: Path, stem: str, max_shard_bytes: int, plan, metadata: dict | None = None):
+        super().__init__(folder, stem, max_shard_bytes, metadata)
+        self._shards: list[list] = []
+        for entry in plan:
+            size = math.prod(entry[2]) * entry[1].itemsize
+            if not self._shards or (self._shards[-1] and _entries_bytes(self._shards[-1]) + size > max_shard_bytes):
+                self._shards.append([])
+            self._shards[-1].append(entry)
+        self._queue = [(i, entry) for i, shard in enumerate(self._shards) for entry in shard]
+        self._position = 0  # index into _queue of the tensor being written
+        self._written = 0  # elements of that tensor written so far
+        self._shard = -1
+
+    def write(self, name: str, tensor: Tensor) -> None:
+        self._skip_empty()
+        if self._position >= len(self._queue):
+            raise CheckpointError(f"writer '{self.stem}': tensor '{name}' is not in its plan")
+        shard, (planned, dtype, shape) = self._queue[self._position]
+        if name != planned or tensor.dtype != dtype:
+            raise CheckpointError(f"writer '{self.stem}': got '{name}' ({tensor.dtype}), the plan expects '{planned}' ({dtype})")
+        if shard != self._shard:
+            self._start(shard)
+        self._append(tensor)
+        self._written += tensor.numel()
+        if self._written > math.prod(shape):
+            raise CheckpointError(f"writer '{self.stem}': more than {math.prod(shape)} elements written to '{name}'")
+        if self._written == math.prod(shape):
+            self._advance(shard, name)
+
+    def _start(self, shard: int) -> None:
+        self._shard = shard
+        self._open(self._name(shard, len(self._shards)), self._shards[shard])
+
+    def _advance(self, shard: int, name: str) -> None:
+        self.weight_map[name] = self._current
+        self._position += 1
+        self._written = 0
+        if self._position == len(self._queue) or self._queue[self._position][0] != shard:
+            self._close_file()
+
+    def _skip_empty(self) -> None:
+        """Tensors with no elements never arrive as chunks; record them as they come up in the plan."""
+        while self._position < len(self._queue) and self._written == 0:
+            shard, (name, _, shape) = self._queue[self._position]
+            if math.prod(shape):
+                return
+            if shard != self._shard:
+                self._start(shard)
+            self._advance(shard, name)
+
+    def close(self) -> dict[str, str]:
+        """Finishes every shard; returns {file name: sha256}. Every planned tensor must have been written."""
+        self._skip_empty()
+        if self._position < len(self._queue):
+            raise CheckpointError(f"writer '{self.stem}': tensor '{self._queue[self._position][1][0]}' was not written in full")
+        self._wait()
+        return self.files
+
+
+class BufferedWriter(_ShardFiles):
+    """Whole tensors whose sizes are known only once computed (sparse vectors), buffered until a shard is
+    full; shards are named by index as they go and renamed `-of-n` at close."""
+
+    def __init__(self, folder: Path, stem: str, max_shard_bytes: int, metadata: dict | None = None):
+        super().__init__(folder, stem, max_shard_bytes, metadata)
+        self._buffer: list[tuple[str, Tensor]] = []
+        self._buffered = 0
+        self._count = 0
+
+    def write(self, name: str, tensor: Tensor) -> None:
+        self._buffer.append((name, tensor.detach().contiguous().cpu()))
+        self._buffered += tensor.numel() * tensor.element_size()
+        if self._buffered >= self.max_shard_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        self._open(f"{self.stem}-{self._count:05d}.partial", [(n, t.dtype, tuple(t.shape)) for n, t in self._buffer])
+        for name, tensor in self._buffer:
+            self._append(tensor)
+            self.weight_map[name] = self._current
+        self._close_file()
+        self._count += 1
+        self._buffer, self._buffered = [], 0
+
+    def close(self) -> dict[str, str]:
+        """Writes what is buffered (an empty file if nothing ever was); returns {file name: sha256}."""
+        if self._buffer or not self._count:
+            self._flush()
+        self._wait()
+        final = {}
+        for index, old in enumerate(sorted(self.files)):
+            new = self._name(index, self._count)
+            os.replace(self.folder / old, self.folder / new)
+            final[new] = self.files[old]
+            self.sizes[new] = self.sizes.pop(old)
+            self.weight_map = {k: (new if v == old else v) for k, v in self.weight_map.items()}
+        self.files = final
+        return final
+
+
+def _entries_bytes(entries) -> int:
+    return sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in entries)
 
 
 def copy_small_files(source: Path, dest: Path, skip: Iterable[str] = ()) -> list[str]:

@@ -130,6 +130,26 @@ def magnitude_histogram(chunk: Tensor, bucket: int | None = None) -> Tensor:
                                        numba.get_num_threads()))
 
 
+def kth_largest_magnitude(chunks, n_keep: int) -> float:
+    """The n_keep-th largest |x| over all chunks (an iterable factory, called twice): the value
+    merging.magnitude_threshold gives, in O(chunk) memory and much faster than its top-k: |x| as
+    float32 bits orders like its value, so a histogram of the high 16 bits finds the bucket, a second
+    of the low 16 bits the value."""
+    if n_keep <= 0:
+        return math.inf
+    high = torch.zeros(1 << 15, dtype=torch.int64)
+    for chunk in chunks():
+        high += magnitude_histogram(chunk)
+    above = high.flip(0).cumsum(0).flip(0)  # above[b] = entries in buckets >= b
+    bucket = int((above >= n_keep).nonzero().max())
+    rest = n_keep - (int(above[bucket + 1]) if bucket + 1 < len(above) else 0)
+    low = torch.zeros(1 << 16, dtype=torch.int64)
+    for chunk in chunks():
+        low += magnitude_histogram(chunk, bucket)
+    value = int((low.flip(0).cumsum(0).flip(0) >= rest).nonzero().max())
+    return float(torch.tensor([(bucket << 16) | value], dtype=torch.int32).view(torch.float32))
+
+
 # ---- TIES + MMER masks ----------------------------------------------------------------------------
 
 
@@ -183,11 +203,20 @@ def mmer_packed(taus: Tensor, alpha: float, lams: list[float], thresholds: list[
     return tau_star, packed
 
 
+# Fused paths for (merge, mask rule) pairs of merging's registries, keyed by their functions so that a
+# re-registered method never runs on a kernel written for another: (taus, thresholds, params, lams) ->
+# (tau_star [n], masks packed [T, ceil(n/8)]).
+FUSED = {
+    (merging.MERGES["ties"].fn, merging.MASK_RULES["mmer"].fn):
+        lambda taus, thresholds, params, lams: mmer_packed(taus, params["alpha"], lams, thresholds),
+}
+
+
 # ---- decouple: theta0 + m * tau_star, written in place -------------------------------------------
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
-def _decouple_bf16(out, theta0, tau_star, packed, lut):
+def _decouple_bf16(out, theta0, tau_star, packed, lut, scale):
     """bfloat16 as uint16 bits: bf16 -> f32 is a shift, f32 -> bf16 rounds to nearest even (NaN -> 0x7FC0)."""
     n = out.size
     for block in numba.prange((n + BLOCK - 1) // BLOCK):
@@ -202,9 +231,9 @@ def _decouple_bf16(out, theta0, tau_star, packed, lut):
         for j in range((hi - lo) // 8):
             row = lut[bytes_[j]]
             for k in range(8):
-                value[8 * j + k] += row[k] * ta[8 * j + k]
+                value[8 * j + k] += row[k] * ta[8 * j + k] * scale
         for i in range((hi - lo) // 8 * 8, hi - lo):
-            value[i] += lut[bytes_[i >> 3], i & 7] * ta[i]
+            value[i] += lut[bytes_[i >> 3], i & 7] * ta[i] * scale
         for i in range(hi - lo):
             b = bits[i]
             rounded = (b + np.uint32(0x7FFF) + ((b >> 16) & np.uint32(1))) >> 16
@@ -212,8 +241,8 @@ def _decouple_bf16(out, theta0, tau_star, packed, lut):
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
-def _decouple_float(out, theta0, tau_star, packed, lut):
-    """float32 or float64 weights; m * tau_star is a float32 product, as torch computes bool * float32."""
+def _decouple_float(out, theta0, tau_star, packed, lut, scale):
+    """float32 or float64 weights; (m * tau_star) * scale is a float32 product, as torch computes it."""
     n = out.size
     for block in numba.prange((n + BLOCK - 1) // BLOCK):
         lo = block * BLOCK
@@ -222,13 +251,16 @@ def _decouple_float(out, theta0, tau_star, packed, lut):
         for j in range((hi - lo) // 8):
             row = lut[bytes_[j]]
             for k in range(8):
-                o[8 * j + k] = weights[8 * j + k] + row[k] * ta[8 * j + k]
+                o[8 * j + k] = weights[8 * j + k] + row[k] * ta[8 * j + k] * scale
         for i in range((hi - lo) // 8 * 8, hi - lo):
-            o[i] = weights[i] + lut[bytes_[i >> 3], i & 7] * ta[i]
+            o[i] = weights[i] + lut[bytes_[i >> 3], i & 7] * ta[i] * scale
 
 
-def decouple_into(out: Tensor, theta0: Tensor, tau_star: Tensor, packed: Tensor) -> None:
-    """out <- merging.decouple(theta0, unpack_mask(packed), tau_star), bit for bit, with no temporaries."""
+def decouple_into(out: Tensor, theta0: Tensor, tau_star: Tensor, packed: Tensor | None, scale: float = 1.0) -> None:
+    """out <- merging.decouple(theta0, unpack_mask(packed), tau_star, scale), bit for bit, with no temporaries;
+    packed None is the all-ones mask (theta0 + scale * tau_star)."""
+    if packed is None:
+        packed = torch.full((math.ceil(out.numel() / 8),), 255, dtype=torch.uint8)
     n = out.numel()
     if theta0.numel() != n or tau_star.numel() != n or packed.numel() != math.ceil(n / 8):
         raise ValueError(f"decouple_into: {n} weights, {theta0.numel()} in theta0, {tau_star.numel()} in tau_star, "
@@ -236,7 +268,7 @@ def decouple_into(out: Tensor, theta0: Tensor, tau_star: Tensor, packed: Tensor)
     if (out.dtype not in (torch.bfloat16, torch.float32, torch.float64) or theta0.dtype != out.dtype
             or tau_star.dtype != torch.float32 or not _fusable(out, theta0, tau_star, packed)):
         mask = merging.unpack_mask(packed, out.shape)
-        out.copy_(merging.decouple(theta0.reshape(out.shape), mask, tau_star.reshape(out.shape)))
+        out.copy_(merging.decouple(theta0.reshape(out.shape), mask, tau_star.reshape(out.shape), scale))
         return
     kernel = _decouple_bf16 if out.dtype == torch.bfloat16 else _decouple_float
-    kernel(_bits(out), _bits(theta0), _bits(tau_star), packed.numpy(), _BITS_LUT)
+    kernel(_bits(out), _bits(theta0), _bits(tau_star), packed.numpy(), _BITS_LUT, np.float32(scale))

@@ -6,9 +6,12 @@ weights' dtype, so that bf16 checkpoints do not round away small deltas; `decoup
 Functions named for a method work on one parameter; `merge_state_dicts` lifts any of them to whole models.
 """
 
+import hashlib
 import math
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -18,10 +21,11 @@ StateDict = Mapping[str, Tensor]
 # ---- task vectors ---------------------------------------------------------------------------
 
 
-def check_finite(tensor: Tensor, name: str) -> None:
+def check_finite(tensor: Tensor, name: str, where: str = "") -> None:
+    """Refuses a float tensor with NaN or Inf entries, naming it (and `where` it is, e.g. "in file x")."""
     if tensor.is_floating_point() and not torch.isfinite(tensor).all():
         bad = int((~torch.isfinite(tensor)).sum())
-        raise ValueError(f"tensor '{name}' has {bad} NaN or Inf entries")
+        raise ValueError(f"tensor '{name}'{' ' + where if where else ''} has {bad} NaN or Inf entries")
 
 
 def task_vector(base: Tensor, finetuned: Tensor, name: str = "tensor") -> Tensor:
@@ -33,8 +37,8 @@ def task_vector(base: Tensor, finetuned: Tensor, name: str = "tensor") -> Tensor
         )
     if base.dtype != finetuned.dtype:
         raise ValueError(f"tensor '{name}': dtype {finetuned.dtype} in the fine-tuned model, {base.dtype} in the base")
-    check_finite(base, f"{name}' of the base '")
-    check_finite(finetuned, f"{name}' of the fine-tuned model '")
+    check_finite(base, name, "of the base")
+    check_finite(finetuned, name, "of the fine-tuned model")
     # Subtract in the weights' precision (float32 at least), round to float32 once: a float64 delta of 1e-12
     # survives, where casting theta_i and theta0 to float32 first would round it away.
     wide = torch.promote_types(base.dtype, torch.float32)
@@ -136,25 +140,39 @@ def task_arithmetic(taus: Tensor, alpha: float = 1.0) -> Tensor:
     return alpha * taus.sum(dim=0)
 
 
-def dare(taus: Tensor, p: float, generator: torch.Generator) -> Tensor:
-    """Drop each entry with probability p and rescale the rest: tau_t * Bernoulli(1 - p) / (1 - p).
+def uniform(seed: int, key: str, start: int, stop: int) -> Tensor:
+    """U[0, 1) draws for flat entries [start, stop) of the stream named `key`, float32 [stop - start].
 
-    Merge the result with `task_arithmetic` or `ties`; the generator makes the drop reproducible.
+    A counter-based generator (splitmix64 of a hash of (seed, key) plus the entry's index): a draw depends
+    only on the entry, so a tensor read in chunks of any size, in any order, gets the same draws.
     """
+    offset = int.from_bytes(hashlib.blake2b(f"{seed}/{key}".encode(), digest_size=8).digest(), "little")
+    with np.errstate(over="ignore"):
+        z = (np.arange(start, stop, dtype=np.uint64) + np.uint64(offset)) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return torch.from_numpy((z >> np.uint64(40)).astype(np.float32) / np.float32(1 << 24))
+
+
+def dare(taus: Tensor, p: float, draws: Tensor) -> Tensor:
+    """Drop each entry with probability p and rescale the rest: tau_t * 1[u >= p] / (1 - p), u ~ U[0, 1)
+    given as `draws` (taus' shape). Merge the result with `task_arithmetic` or `ties`."""
     if not 0.0 <= p < 1.0:
         raise ValueError(f"DARE drop probability p must lie in [0, 1), got {p}")
-    keep = torch.rand(taus.shape, generator=generator) >= p
-    return taus * keep / (1.0 - p)
+    return taus * (draws >= p) / (1.0 - p)
 
 
 def tall_masks(taus: Tensor, tau_mtl: Tensor, lam: float | Iterable[float] = 1.0) -> Tensor:
-    """TALL masks m_t = 1[|tau_t| >= lam * |tau_mtl - tau_t|] on a task-arithmetic vector tau_mtl."""
-    return taus.abs() >= _per_task(lam, taus) * (tau_mtl - taus).abs()
+    """TALL masks m_t = 1[|tau_t| > lam * |tau_mtl - tau_t|] on a task-arithmetic vector tau_mtl; strict, as
+    in the paper (Wang et al. 2024), so an entry where tau_t = 0 is never in t's mask."""
+    return taus.abs() > _per_task(lam, taus) * (tau_mtl - taus).abs()
 
 
 def emr_elect(taus: Tensor) -> Tensor:
-    """EMR's unified vector: gamma = sgn(sum_t tau_t); tau_uni = gamma * max over {t: sgn tau_t = gamma} of |tau_t|."""
-    sign = elect_sign(taus)
+    """EMR's unified vector: gamma = +1 where sum_t tau_t > 0, else -1 (as the original code elects a zero
+    sum); tau_uni = gamma * max over {t: sgn tau_t = gamma} of |tau_t| (0 where no task agrees)."""
+    sign = torch.where(taus.sum(dim=0) > 0, 1.0, -1.0).to(taus.dtype)
     agree = torch.sign(taus) == sign
     return sign * (taus.abs() * agree).amax(dim=0)
 
@@ -165,15 +183,45 @@ def emr_masks(taus: Tensor, tau_uni: Tensor) -> Tensor:
 
 
 def emr_rescalers(abs_sums: Tensor, masked_sums: Tensor) -> Tensor:
-    """EMR's rescalers lambda_t = sum|tau_t| / sum|m_t * tau_uni|, the sums taken over the whole model;
-    1 for a task whose mask is empty (it multiplies nothing, and an infinite one would make 0 * inf = NaN)."""
+    """EMR's rescalers lambda_t = abs_sums_t / masked_sums_t; the original code sums per-tensor means over
+    the model's parameters p: sum_p mean|tau_t[p]| / sum_p mean|m_t * tau_uni[p]|. 1 for a task whose mask
+    is empty (it multiplies nothing, and an infinite one would make 0 * inf = NaN)."""
     return torch.where(masked_sums > 0, abs_sums / masked_sums.where(masked_sums > 0, 1.0), 1.0)
 
 
 def magmax(taus: Tensor) -> Tensor:
-    """MagMax: per entry, the tau_t of largest magnitude (the first task wins a tie)."""
-    index = taus.abs().argmax(dim=0, keepdim=True)
-    return taus.gather(0, index).squeeze(0)
+    """MagMax: per entry, the tau_t of largest magnitude; the later task wins a tie, as the authors' fold
+    tau_max = where(|tau_t| >= |tau_max|, tau_t, tau_max) in task order does."""
+    best = taus[0]
+    for tau in taus[1:]:
+        best = torch.where(tau.abs() >= best.abs(), tau, best)
+    return best.clone() if len(taus) == 1 else best
+
+
+def disjoint_sum(trimmed: Tensor, sign: Tensor) -> Tensor:
+    """Sum over the tasks whose entry is non-zero and has sign gamma (TIES's `sum` merge)."""
+    return (trimmed * ((torch.sign(trimmed) == sign) & (trimmed != 0))).sum(dim=0)
+
+
+def trim_rows(taus: Tensor, thresholds) -> Tensor:
+    """Each row tau_t kept where |tau_t| >= thresholds[t], zero elsewhere."""
+    limits = torch.as_tensor(list(thresholds), dtype=taus.dtype).reshape(-1, *([1] * (taus.dim() - 1)))
+    return torch.where(taus.abs() >= limits, taus, torch.zeros((), dtype=taus.dtype))
+
+
+def opcm_project(merged: Tensor, tau: Tensor, energy: float = 0.5) -> Tensor:
+    """OPCM (Tang et al., NeurIPS 2025) for one weight matrix: tau minus its components along the merged
+    vector's singular directions. With merged = U diag(s) V^T (full SVD) and P = U^T tau V, zero P's
+    diagonal and its top-left r x r block, r = the first index where cumsum(s) / sum(s) > energy (0 if
+    none), and return U P V^T. Computed in float64, returned in float32."""
+    u, s, vh = torch.linalg.svd(merged.double(), full_matrices=True)
+    share = s.cumsum(0) / s.sum()
+    above = (share > energy).nonzero()
+    rank = int(above[0]) if len(above) and bool(s.sum() > 0) else 0
+    projected = u.T @ tau.double() @ vh.T
+    projected.diagonal().fill_(0)
+    projected[:rank, :rank] = 0
+    return (u @ projected @ vh).float()
 
 
 # ---- MMER: the decoupling masks -------------------------------------------------------------
@@ -196,10 +244,12 @@ def mmer(
     return tau_star, taus.abs() >= _per_task(lam, taus) * (taus - tau_star).abs()
 
 
-def decouple(theta0: Tensor, mask: Tensor, tau_star: Tensor) -> Tensor:
-    """theta_hat_i = theta0 + m_i * tau_star, summed in float32 (float64 for float64 weights), in theta0's dtype."""
+def decouple(theta0: Tensor, mask: Tensor, tau_star: Tensor, scale: float = 1.0) -> Tensor:
+    """theta_hat_i = theta0 + (m_i * tau_star) * r_i, summed in float32 (float64 for float64 weights), in
+    theta0's dtype; r_i = 1 but for rescaling mask rules (EMR)."""
     wide = torch.promote_types(theta0.dtype, torch.float32)
-    return (theta0.to(wide) + mask * tau_star).to(theta0.dtype)
+    delta = mask * tau_star
+    return (theta0.to(wide) + (delta if scale == 1.0 else delta * torch.tensor(scale, dtype=delta.dtype))).to(theta0.dtype)
 
 
 def _per_task(lam: float | Iterable[float], taus: Tensor) -> Tensor:
@@ -238,6 +288,120 @@ def unpack_mask(packed: Tensor, shape: Iterable[int]) -> Tensor:
         )
     bits = (packed.unsqueeze(1) & _BITS) != 0
     return bits.flatten()[:numel].reshape(shape)
+
+
+# ---- registries: merges and mask rules over a chunk [T, n] of task vectors ---------------------
+
+
+@dataclass(frozen=True)
+class Merge:
+    """A merge method: tau_star = fn(taus, **params) over one chunk of task vectors taus [T, n], float32.
+
+    trim: fn also takes `thresholds`, each row's top-k magnitude threshold (per tensor, or over the model).
+    drop: DARE first: the fold hands fn tau_t * 1[u >= p] / (1 - p) (thresholds are those of the dropped rows).
+    needs: what a state must keep of an old task for the merge to be exact: "vectors" (tau_t: exact mode)
+        or "trimmed" (trim_k(tau_t): sparse mode too). A compact state keeps neither and approximates an
+        old tau_t by its decoupled delta (r_t * m_t * tau_star / alpha).
+    running: a continual merge, folded into the running merged vector: taus is [tau_star_old, tau_new]
+        ([tau_new] for the first task); it needs nothing of old tasks, and a refit replays it in order.
+    elementwise: False for a merge that sees whole tensors in their shape and their `name` (OPCM's SVD).
+    normalize: tau_star is scaled to mean_t ||tau_t|| / ||tau_star|| (global L2 norms; OPCM).
+    params: the fold settings fn takes by keyword.
+    """
+
+    fn: Callable[..., Tensor]
+    params: tuple[str, ...] = ("alpha",)
+    trim: bool = False
+    drop: bool = False
+    needs: str = "vectors"
+    running: bool = False
+    elementwise: bool = True
+    normalize: bool = False
+
+
+@dataclass(frozen=True)
+class MaskRule:
+    """A mask rule: masks = fn(taus [T, n], tau_star [n], lams [T, 1]) -> bool [T, n]; task t's model is
+    theta0 + r_t * m_t * tau_star. fn None: no masks, every task gets theta0 + tau_star.
+
+    random: fn also takes `draws` [T, n] ~ U[0, 1) (merging.uniform, keyed by task and tensor).
+    rescale: r_t = sum_p mean|tau_t[p]| / sum_p mean|m_t * tau_star[p]| over the model's tensors p (EMR's
+        rescaler), else r_t = 1.
+    """
+
+    fn: Callable[..., Tensor] | None
+    random: bool = False
+    rescale: bool = False
+
+
+MERGES: dict[str, Merge] = {}
+MASK_RULES: dict[str, MaskRule] = {}
+
+
+def register_merge(name: str, **declared):
+    """Decorator: registers fn(taus, **params) -> tau_star as merge `name` (declared: Merge's fields)."""
+    def register(fn):
+        MERGES[name] = Merge(fn, **declared)
+        return fn
+    return register
+
+
+def register_mask_rule(name: str, **declared):
+    """Decorator: registers fn(taus, tau_star, lams) -> masks as mask rule `name` (declared: MaskRule's fields)."""
+    def register(fn):
+        MASK_RULES[name] = MaskRule(fn, **declared)
+        return fn
+    return register
+
+
+@register_merge("ties", trim=True, needs="trimmed")
+def _ties(taus, thresholds, alpha):
+    """alpha * disjoint_mean(trim_k(tau), sgn(sum_t trim_k(tau_t)))."""
+    trimmed = trim_rows(taus, thresholds)
+    return alpha * disjoint_mean(trimmed, elect_sign(trimmed))
+
+
+register_merge("dare_ties", trim=True, drop=True, params=("alpha",))(_ties)
+register_merge("emr", params=())(emr_elect)
+register_merge("magmax")(lambda taus, alpha: alpha * magmax(taus))
+
+
+@register_merge("task_arithmetic", running=True)
+def _task_arithmetic(taus, alpha):
+    """tau_star_t = tau_star_{t-1} + alpha * tau_t = alpha * sum_t tau_t: Task Arithmetic is its own
+    continual form (FusionBench's continual Task Arithmetic), so it needs nothing of old tasks."""
+    return alpha * taus[-1] + (taus[0] if len(taus) == 2 else 0.0)
+
+
+@register_merge("continual_ties", running=True, trim=True)
+def _continual_ties(taus, thresholds, alpha):
+    """tau_star_1 = alpha * tau_1; tau_star_t = tau_star_{t-1} + alpha * disjoint_sum(trim_k([tau_star_{t-1};
+    tau_t])), the running vector counted as a task, as FusionBench's continual TIES does."""
+    if len(taus) == 1:
+        return alpha * taus[0]
+    trimmed = trim_rows(taus, thresholds)
+    return taus[0] + alpha * disjoint_sum(trimmed, elect_sign(trimmed))
+
+
+@register_merge("opcm", running=True, elementwise=False, normalize=True, params=("energy",))
+def _opcm(taus, name, energy):
+    """S_1 = tau_1; S_t = S_{t-1} + opcm_project(S_{t-1}, tau_t) for weight matrices (2-D, not an
+    embedding), S_{t-1} + tau_t for every other tensor; tau_star = S_t scaled by `normalize`."""
+    if len(taus) == 1:
+        return taus[0].clone()
+    merged, tau = taus
+    if merged.dim() == 2 and "embed" not in name:
+        return merged + opcm_project(merged, tau, energy)
+    return merged + tau
+
+
+register_mask_rule("mmer")(lambda taus, tau_star, lams: taus.abs() >= lams * (taus - tau_star).abs())
+register_mask_rule("tall")(lambda taus, tau_star, lams: taus.abs() > lams * (tau_star - taus).abs())
+register_mask_rule("emr", rescale=True)(lambda taus, tau_star, lams: emr_masks(taus, tau_star))
+register_mask_rule("sign")(lambda taus, tau_star, lams: emr_masks(taus, tau_star))
+# a random mask of density lam where tau_star != 0 (ones elsewhere, as MMER's mask with lam <= 1 is there)
+register_mask_rule("random", random=True)(lambda taus, tau_star, lams, draws: (draws < lams) | (tau_star == 0))
+MASK_RULES["none"] = MaskRule(None)
 
 
 # ---- whole models -----------------------------------------------------------------------------

@@ -12,15 +12,44 @@ Layout (paths relative to the state folder):
 A fold writes a new generation folder and a new task folder under `*.partial` names, fsyncs them,
 renames them into place, and only then replaces manifest.json (write a temporary file, fsync, rename,
 fsync the folder). Until that last rename the old manifest names only old files, which nothing touches:
-a crash at any moment leaves the previous state intact. Files the manifest does not name are leftovers
-of an interrupted fold and are removed when the next fold starts.
+a crash at any moment leaves the previous state intact. Store-shaped files the manifest does not name
+are leftovers of an interrupted fold and are removed when the next fold starts.
+
+One writer at a time, readers never blocked. Everything that writes a state (fold, refit) runs inside
+`with store.lock(state_dir, create=...)`: an exclusive `fcntl.flock` on `<state>/.lock`, taken without
+waiting (or polling for `wait` seconds); a second writer gets a StateError "<state> is being folded by pid
+N". The kernel drops the lock when its holder exits, however it exits (SIGKILL included), so it is never
+left stuck; `.lock` itself stays (removing a lock file races with the next writer) and records the
+holder's pid. The lock is re-entrant within one thread; other threads and forked children must not write
+the state meanwhile (a child forked while the lock is held keeps it until the child exits). Readers
+(load, State, inspect, export, switch) take no lock: they read only files the committed manifest names,
+which a fold never modifies (it writes new ones, then swaps the manifest).
+
+The store deletes only what it owns. A state folder carries the marker `.mmer-cl-state` (its content: the
+format name), written atomically when the state is created: `lock(state_dir, create=True)` makes the folder
+(with parents) if absent and marks it, but refuses a non-empty folder with neither marker nor manifest
+("not an mmer-cl state") before writing anything into it. A folder holding a valid manifest but no marker
+(a state written before markers existed) is adopted: the marker is added. `is_state(path)` tests for the
+marker. `collect_garbage` does nothing in a folder without the marker, and in a marked one removes only
+store-shaped leftovers the manifest does not name: folders `gNNNNNN` / `gNNNNNN.partial`, `tasks/NNN-name`
+/ `tasks/NNN-name.partial`, and the files `manifest.json.tmp` / `.mmer-cl-state.tmp`. Anything else (a
+user's `tasks/notes.txt`, `report.partial`, `x.tmp`, or a file inside a folder the manifest names) is left
+alone; `.lock` and the marker are never collected and never named by a manifest. collect_garbage takes the
+lock itself when its caller does not hold it, so it never touches a live writer's files. `stage` removes
+a leftover `*.partial` folder only while this thread holds the lock (it can then only be a dead writer's
+leftover); without the lock it refuses to touch one.
 """
 
+import contextlib
+import fcntl
 import json
 import os
 import re
 import shutil
 import signal
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from mmer_cl.checkpoints import Checkpoint, fsync_dir, sha256_file
@@ -28,6 +57,8 @@ from mmer_cl.checkpoints import Checkpoint, fsync_dir, sha256_file
 FORMAT = "mmer-cl-state"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+MARKER = ".mmer-cl-state"  # marks a folder as an mmer-cl state: the store deletes only inside such folders
+LOCK_FILE = ".lock"  # flock'ed by the one writer; holds its pid; never removed
 MODES = ("exact", "sparse", "compact")
 KILL_ENV = "MMER_CL_KILL_AT"
 
@@ -125,9 +156,15 @@ def file_entries(folder: Path, prefix: str, digests: dict[str, str]) -> dict[str
 
 
 def stage(state_dir: Path, relpath: str) -> Path:
-    """A fresh `<relpath>.partial` folder to write into before `publish`."""
+    """A fresh `<relpath>.partial` folder to write into before `publish`. A leftover one is removed first
+    when this thread holds the state's lock (then no other writer is alive: it is a dead fold's leftover);
+    without the lock an existing one may be another fold's work in progress and is a StateError."""
     staging = Path(state_dir) / f"{relpath}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
+    if staging.exists() or staging.is_symlink():
+        if not holds_lock(state_dir):
+            raise StateError(f"{staging} already exists and this process does not hold {Path(state_dir) / LOCK_FILE}: "
+                             f"it may be another fold's work in progress; write a state only inside store.lock()")
+        _remove(staging)
     staging.mkdir(parents=True)
     return staging
 
@@ -149,6 +186,9 @@ def publish(staging: Path) -> Path:
 def commit(state_dir: Path, manifest: dict) -> None:
     """Replaces manifest.json atomically: temporary file, fsync, rename, fsync of the folder."""
     state_dir = Path(state_dir)
+    own = [rel for rel in manifest["files"] if Path(rel).as_posix() in (MARKER, LOCK_FILE, MANIFEST)]
+    if own:
+        raise StateError(f"{state_dir}: a manifest may not name the store's own files {own}")
     tmp = state_dir / f"{MANIFEST}.tmp"
     with open(tmp, "w") as f:
         json.dump(manifest, f, indent=1)
@@ -159,30 +199,183 @@ def commit(state_dir: Path, manifest: dict) -> None:
     fsync_dir(state_dir)
 
 
+_GENERATION = re.compile(r"g\d{6,}(\.partial)?")
+_TASK = re.compile(r"\d{3,}-[A-Za-z0-9_.-]+")  # task_dir's names, and their .partial
+
+
 def collect_garbage(state_dir: Path, manifest: dict | None) -> None:
-    """Removes what an interrupted or superseded fold left: anything the manifest does not name."""
+    """Removes what an interrupted or superseded fold left: the store-shaped folders and temporary files
+    that neither `manifest` nor the committed manifest names. Does nothing in a folder that is not a state
+    (no marker; a legacy state with a valid manifest is adopted first). Takes the lock unless this thread
+    holds it: while another process folds this state, a StateError and nothing removed."""
     state_dir = Path(state_dir)
-    if not state_dir.is_dir():
+    if not state_dir.is_dir() or not _owned(state_dir):
         return
-    keep = set(manifest["files"]) if manifest else set()
-    keep_dirs = {parent.as_posix() for rel in keep for parent in Path(rel).parents}
+    if not holds_lock(state_dir):
+        with lock(state_dir):
+            return collect_garbage(state_dir, manifest)
+    keep: set[str] = set()
+    for named in (manifest, read_manifest(state_dir)):
+        if named:
+            keep.update(parent.as_posix() for rel in named.get("files", {}) for parent in Path(rel).parents)
+            keep.update(task["dir"] for task in named.get("tasks", []) if "dir" in task)
     for path in list(state_dir.iterdir()):
-        if path.name == MANIFEST:
-            continue
-        if path.name == "tasks" and path.is_dir():
-            for sub in path.iterdir():
-                if f"tasks/{sub.name}" not in keep_dirs:
-                    _remove(sub)
-        elif path.name not in keep_dirs and (path.name.endswith(".partial") or path.name.endswith(".tmp")
-                                             or re.fullmatch(r"g\d{6}", path.name)):
+        if path.name in (f"{MANIFEST}.tmp", f"{MARKER}.tmp") and path.is_file() and not path.is_symlink():
             _remove(path)
+        elif _GENERATION.fullmatch(path.name) and path.name not in keep and _is_real_dir(path):
+            _remove(path)
+        elif path.name == "tasks" and _is_real_dir(path):
+            for sub in list(path.iterdir()):
+                relpath = f"tasks/{sub.name}"
+                if (_TASK.fullmatch(sub.name.removesuffix(".partial")) and relpath not in keep
+                        and _is_real_dir(sub)):
+                    _remove(sub)
+
+
+def _is_real_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
 
 
 def _remove(path: Path) -> None:
-    if path.is_dir():
+    if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     else:
         path.unlink()
+
+
+# ---- ownership and the writer lock ----------------------------------------------------------------
+
+
+def is_state(path: str | Path) -> bool:
+    """Whether `path` is a folder marked as an mmer-cl state (one small read; no manifest parsed)."""
+    try:
+        return (Path(path) / MARKER).read_text().strip() == FORMAT
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _write_marker(state_dir: Path) -> None:
+    """The marker, atomically: temporary file, fsync, rename, fsync of the folder."""
+    tmp = state_dir / f"{MARKER}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{FORMAT}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, state_dir / MARKER)
+    fsync_dir(state_dir)
+
+
+def _owned(state_dir: Path) -> bool:
+    """Marked, or a legacy state (a valid manifest, no marker yet), which gets its marker now."""
+    if is_state(state_dir):
+        return True
+    if (state_dir / MARKER).exists():
+        return False  # a marker of something else
+    try:
+        if read_manifest(state_dir) is None:
+            return False
+    except StateError:
+        return False
+    _write_marker(state_dir)
+    return True
+
+
+def _check_creatable(state_dir: Path) -> None:
+    """A state may be created in a missing or empty folder (a lock file left by an earlier attempt is fine)."""
+    if state_dir.exists() and not state_dir.is_dir():
+        raise StateError(f"{state_dir} is a file, not a state folder")
+    if state_dir.is_dir() and not _owned(state_dir):
+        if (state_dir / MARKER).exists():
+            raise StateError(f"{state_dir} is not an mmer-cl state: its {MARKER} file does not say {FORMAT}")
+        read_manifest(state_dir)  # a manifest.json that is not a valid state's: the error names it
+        others = sorted(p.name for p in state_dir.iterdir() if p.name not in (LOCK_FILE, f"{MARKER}.tmp"))
+        if others:
+            shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+            raise StateError(f"{state_dir} is not an mmer-cl state: it is not empty ({shown}) and has neither a "
+                             f"{MARKER} marker nor a {MANIFEST}; fold into a new or empty folder")
+
+
+_held = threading.local()  # .locks: {real path of a state folder: [fd, depth]} held by this thread
+
+
+def _held_locks() -> dict:
+    if not hasattr(_held, "locks"):
+        _held.locks = {}
+    return _held.locks
+
+
+def holds_lock(state_dir: str | Path) -> bool:
+    """Whether this thread holds the writer lock of `state_dir`."""
+    return os.path.realpath(state_dir) in _held_locks()
+
+
+def _holder(fd: int) -> str:
+    """The pid the holder wrote into the lock file (it writes it right after taking the lock: retry briefly)."""
+    for _ in range(20):
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        if text.isdigit():
+            return f"pid {text}" + (" (this process, another thread)" if int(text) == os.getpid() else "")
+        time.sleep(0.01)
+    return "another process (pid not recorded)"
+
+
+@contextlib.contextmanager
+def lock(state_dir: str | Path, *, create: bool = False, wait: float = 0) -> Iterator[Path]:
+    """Holds the exclusive writer lock of a state for the `with` block; yields the state folder.
+
+    create=True: a first fold may create the state: the folder (with parents) is made if missing and
+    marked; a non-empty folder that is not a state is refused before anything is written into it.
+    create=False: the folder must already be a state (marked, or a legacy manifest, then marked).
+    A second writer gets a StateError naming the holder's pid, at once, or after polling `wait` seconds.
+    Re-entrant within one thread. The lock is released on exit, and by the kernel if the process dies."""
+    state_dir = Path(state_dir)
+    if create:
+        _check_creatable(state_dir)
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise StateError(f"{state_dir}: cannot create the state folder (a file is in the way)") from None
+    elif not (state_dir.is_dir() and _owned(state_dir)):
+        if state_dir.is_dir() and not (state_dir / MARKER).exists():
+            read_manifest(state_dir)  # a manifest.json that is not a valid state's: the error names it
+        raise StateError(f"{state_dir} holds no mmer-cl state (no {MARKER} marker and no {MANIFEST})")
+    key = os.path.realpath(state_dir)
+    held = _held_locks()
+    if key in held:
+        held[key][1] += 1
+        try:
+            yield state_dir
+        finally:
+            held[key][1] -= 1
+        return
+    fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise StateError(
+                        f"{state_dir} is being folded by {_holder(fd)}; one writer at a time: wait for it to "
+                        f"finish and retry (readers are not blocked)"
+                    ) from None
+                time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        if create:
+            _check_creatable(state_dir)  # again, now that no other writer can change the folder
+        if not is_state(state_dir):
+            _write_marker(state_dir)
+        held[key] = [fd, 1]
+        try:
+            yield state_dir
+        finally:
+            del held[key]
+            os.ftruncate(fd, 0)  # still ours: no other process can have written its pid meanwhile
+    finally:
+        os.close(fd)  # releases the flock
 
 
 def check_new_task(manifest: dict | None, name: str) -> None:

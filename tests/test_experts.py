@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from mmer_cl import cli, data, experts, models
-from mmer_cl.checkpoints import Checkpoint, LoraAdapter
+from mmer_cl.checkpoints import Checkpoint
+from mmer_cl.sources import LoraSource
 
 torch.set_num_threads(1)  # 2 shared cores: one thread per process is fastest
 
@@ -89,10 +90,10 @@ def test_lora_expert_trains_factors_and_private_modules_only_and_saves_a_peft_fo
 
     # the fold reads the same folder: dense deltas for the 36 adapted matrices, the head as private weights
     theta0.save_base(tmp_path / "base")
-    adapter = LoraAdapter(tmp_path / "adapter", Checkpoint(tmp_path / "base"))
+    adapter = LoraSource(tmp_path / "adapter", Checkpoint(tmp_path / "base"))
     assert len(adapter.deltas) == 36
-    assert set(adapter.private) == {"tasks.text.head.weight", "tasks.text.head.bias"}
-    assert torch.equal(adapter.private["tasks.text.head.weight"], dense["tasks.text.head.weight"])
+    assert set(adapter.private_tensors) == {"tasks.text.head.weight", "tasks.text.head.bias"}
+    assert torch.equal(adapter.private_tensors["tasks.text.head.weight"], dense["tasks.text.head.weight"])
 
 
 @pytest.mark.slow

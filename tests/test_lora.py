@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from mmer_cl import merging as M
-from mmer_cl.checkpoints import Checkpoint, LoraAdapter
+from mmer_cl.checkpoints import Checkpoint
+from mmer_cl.sources import LoraSource
 
 VOCAB = 64
 # merge_and_unload adds the delta to weights of magnitude <~ 1 in float32: (W + delta) - W is delta to ~1e-7.
@@ -127,12 +128,12 @@ def test_the_other_scaling_convention_would_not_match(trained):
 
 def test_checkpoints_lora_adapter_reads_the_dense_task_vectors(trained):
     base = Checkpoint(trained.base_dir)
-    adapter = LoraAdapter(trained.adapter_dir, base)
-    assert set(adapter.deltas) == trained.adapted and not adapter.private
+    adapter = LoraSource(trained.adapter_dir, base)
+    assert set(adapter.deltas) == trained.adapted and not adapter.private_tensors
     shared, _ = M.task_vectors(trained.base, trained.merged)
     for name in base.names:
         shape = base.info[name].shape
-        tau = adapter.tau(name, base, 0, math.prod(shape)).reshape(shape)
+        tau = adapter.tau(name, 0, math.prod(shape)).reshape(shape)
         assert tau.dtype == torch.float32
         torch.testing.assert_close(tau, shared[name], rtol=0, atol=ATOL, msg=name)
     base.close()

@@ -1,0 +1,96 @@
+"""The benchmark's registries of streams and methods, by name.
+
+A stream is fn(profile, seed) -> StreamData; a method is fn(run, data) -> Result. Each registers itself with
+`@stream(name)` or `@method(name)`; `mmer-cl run --stream my_module:my_stream` imports a stream of the user's
+own. Built-in ones are listed here with one line each, so that `mmer-cl run --help` names them without
+importing what defines them.
+"""
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+BUILTIN_MODULES = ("mmer_cl.bench.streams", "mmer_cl.bench.methods")
+BUILTIN_STREAMS = {
+    "modality": "vision (Fashion-MNIST) -> audio (espeak-ng words) -> text (WordNet glosses), one expert each",
+    "split_fmnist": "Fashion-MNIST as 5 two-class tasks with task labels (task-incremental)",
+    "forgetting": "the vision expert fine-tuned further on audio: old and new task, before and after MMER",
+}
+BUILTIN_METHODS = {
+    "individual": "each task's own expert (upper bound, a full copy per task)",
+    "mmer_exact": "MMER through MMERPlugin, exact state (every task vector kept)",
+    "mmer_sparse": "MMER, sparse state (trimmed task vectors kept)",
+    "mmer_compact": "MMER, compact state (tau_star and bit-packed masks only)",
+    "mmer_controls": "MMER's masks against a random mask of the same density and a sign-agreement mask",
+    "task_arithmetic": "theta0 + alpha * sum of task vectors",
+    "ties": "TIES: trim, elect sign, disjoint mean",
+    "dare_ties": "DARE drop, then TIES",
+    "tall": "TALL masks on the task-arithmetic vector",
+    "emr": "EMR-merging: elected vector, sign masks, per-task rescalers",
+    "magmax": "MagMax over the sequential fine-tunes",
+    "continual_ties": "each new model TIES-merged into the running merged model",
+    "opcm": "OPCM: orthogonal projections onto the running merged vector",
+    "naive": "Avalanche Naive (sequential fine-tuning)",
+    "ewc": "Avalanche EWC",
+    "lwf": "Avalanche LwF",
+    "replay": "Avalanche Replay",
+    "lora": "one PEFT LoRA adapter per task on a frozen base",
+    "mmer_lora": "MMER over the LoRA adapters (compact state)",
+    "joint": "one model trained on all tasks at once (upper bound)",
+}
+
+STREAMS: dict[str, Callable] = {}
+METHODS: dict[str, "Method"] = {}
+
+
+@dataclass(frozen=True)
+class Method:
+    """fn(run, data) -> Result; applies(data) says whether it runs on a stream (default: on every one)."""
+
+    fn: Callable
+    applies: Callable | None = None
+
+
+def stream(name: str):
+    """Registers fn(profile, seed) -> StreamData as stream `name`."""
+    def register(fn):
+        STREAMS[name] = fn
+        return fn
+    return register
+
+
+def method(name: str, applies: Callable | None = None):
+    """Registers fn(run, data) -> Result as method `name`; `applies(data) -> bool` limits it to some streams."""
+    def register(fn):
+        METHODS[name] = Method(fn, applies)
+        return fn
+    return register
+
+
+def load_builtins() -> None:
+    for module in BUILTIN_MODULES:
+        importlib.import_module(module)
+
+
+def resolve_stream(name: str) -> str:
+    """A stream's registered name; `module:function` imports the user's module and registers its function
+    under that name (or the function registers itself with @stream)."""
+    if name in STREAMS:
+        return name
+    if ":" not in name:
+        raise ValueError(f"unknown stream {name!r}; known: {', '.join(sorted(STREAMS))}, or module:function")
+    module, _, function = name.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), function)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"stream {name!r}: cannot import {function} from {module} ({error})") from None
+    STREAMS.setdefault(name, fn)
+    return name
+
+
+def describe() -> str:
+    width = max(map(len, [*BUILTIN_STREAMS, *BUILTIN_METHODS]))
+    lines = ["streams:"] + [f"  {n:<{width}}  {d}" for n, d in BUILTIN_STREAMS.items()]
+    lines += ["  MODULE:FUNCTION" + " " * max(0, width - 15) + "  a stream of your own, fn(profile, seed) -> StreamData"]
+    lines += ["methods:"] + [f"  {n:<{width}}  {d}" for n, d in BUILTIN_METHODS.items()]
+    return "\n".join(lines)
