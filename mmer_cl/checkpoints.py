@@ -14,6 +14,7 @@ adapter folder (what its factors mean is sources.py's business).
 import hashlib
 import json
 import math
+import mmap
 import os
 import shutil
 import struct
@@ -58,7 +59,7 @@ class TensorInfo:
         return math.prod(self.shape)
 
 
-def read_header(path: Path) -> tuple[dict, int]:
+def read_header(path: Path, fd: int | None = None) -> tuple[dict, int]:
     """(header, data_start) of a safetensors file, validated as strictly as the safetensors library does,
     so a truncated, corrupt or crafted file fails here, naming itself and the tensor, instead of deep inside
     a merge (where, say, a negative offset would read header bytes as weights).
@@ -70,26 +71,30 @@ def read_header(path: Path) -> tuple[dict, int]:
     0, each begins where the one before it ends (no gap, no two tensors sharing a byte), the last ends at the
     end of the file. Deliberately stricter than the library: a key that appears twice in one JSON object is
     refused (the library keeps the last of two equal tensor names), and only the dtypes in DTYPES are read.
+    Given `fd` (the file opened for reading), the header is read through it, so that it describes the very
+    file the caller goes on reading even if `path` is replaced or removed meanwhile.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"missing weight file {path}")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, shorter than its 8-byte header length)")
-        (length,) = struct.unpack("<Q", raw)
-        if length > _MAX_HEADER:
-            raise CheckpointError(f"{path}: corrupt safetensors header (claims {length} bytes, more than the "
-                                  f"{_MAX_HEADER} the format allows)")
-        if length > size - 8:
-            raise CheckpointError(f"{path}: corrupt or truncated safetensors header (claims {length} bytes, file has {size})")
-        try:
-            header = json.loads(f.read(length).decode("utf-8"), object_pairs_hook=_unique_keys,
-                                parse_constant=_no_constant)
-        except ValueError as error:  # UnicodeDecodeError, JSONDecodeError, a duplicate key, NaN
-            raise CheckpointError(f"{path}: corrupt safetensors header ({error})") from None
+    if fd is None:
+        if not path.is_file():
+            raise CheckpointError(f"missing weight file {path}")
+        with open(path, "rb") as f:
+            return read_header(path, f.fileno())
+    size = os.fstat(fd).st_size
+    raw = os.pread(fd, 8, 0)
+    if len(raw) < 8:
+        raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, shorter than its 8-byte header length)")
+    (length,) = struct.unpack("<Q", raw)
+    if length > _MAX_HEADER:
+        raise CheckpointError(f"{path}: corrupt safetensors header (claims {length} bytes, more than the "
+                              f"{_MAX_HEADER} the format allows)")
+    if length > size - 8:
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors header (claims {length} bytes, file has {size})")
+    try:
+        header = json.loads(os.pread(fd, length, 8).decode("utf-8"), object_pairs_hook=_unique_keys,
+                            parse_constant=_no_constant)
+    except ValueError as error:  # UnicodeDecodeError, JSONDecodeError, a duplicate key, NaN
+        raise CheckpointError(f"{path}: corrupt safetensors header ({error})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     data_start = 8 + length
@@ -175,8 +180,8 @@ def _check_layout(path: Path, header: dict, data_size: int) -> None:
                               f"header: {data_size - position} bytes that no tensor owns")
 
 
-def _infos(path: Path) -> dict[str, TensorInfo]:
-    header, data_start = read_header(path)
+def _infos(path: Path, fd: int | None = None) -> dict[str, TensorInfo]:
+    header, data_start = read_header(path, fd)
     return {
         name: TensorInfo(path, DTYPES[e["dtype"]], tuple(e["shape"]), data_start + e["data_offsets"][0],
                          data_start + e["data_offsets"][1])
@@ -184,21 +189,27 @@ def _infos(path: Path) -> dict[str, TensorInfo]:
     }
 
 
-def header_digest(path: Path) -> str:
-    """sha256 of a safetensors file's header and size: a cheap fingerprint of names, shapes, dtypes, layout."""
-    header, data_start = read_header(path)
+def header_digest(path: Path, fd: int | None = None) -> str:
+    """sha256 of a safetensors file's header and size: a cheap fingerprint of names, shapes, dtypes, layout
+    (read through `fd` if given)."""
+    header, data_start = read_header(path, fd)
     digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
-    digest.update(str(Path(path).stat().st_size).encode())
+    digest.update(str(Path(path).stat().st_size if fd is None else os.fstat(fd).st_size).encode())
     return digest.hexdigest()
 
 
 class Checkpoint:
     """Lazy view of safetensors weights: a transformers folder (single file or index + shards), or a list
-    of files. `names` keeps the files' order; `read(name, start, stop)` reads flat elements [start, stop)."""
+    of files. `names` keeps the files' order; `read(name, start, stop)` reads flat elements [start, stop).
+
+    Every file is opened when the checkpoint is (one descriptor per file, held until close()), and its header
+    is read through that descriptor: a checkpoint reads the files as they were when it was opened, also after
+    they are removed or replaced by rename (a fold collecting the generation a reader still uses). A file
+    overwritten in place is another matter: its content is not a snapshot (`sha256` checks it)."""
 
     def __init__(self, source: str | Path | Iterable[Path]):
         self._fds: dict[Path, int] = {}
-        self._mmaps: dict[Path, np.memmap] = {}
+        self._mmaps: dict[Path, np.ndarray] = {}
         if isinstance(source, (str, Path)):
             self.folder = Path(source)
             files = weight_files(self.folder)
@@ -207,11 +218,21 @@ class Checkpoint:
             self.folder = files[0].parent if files else None
         self.files = files
         self.info: dict[str, TensorInfo] = {}
-        for path in files:
-            for name, info in _infos(path).items():
-                if name in self.info:
-                    raise CheckpointError(f"tensor '{name}' is stored twice: in {self.info[name].file} and {path}")
-                self.info[name] = info
+        try:
+            for path in files:
+                try:
+                    fd = self._fds[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                except (FileNotFoundError, NotADirectoryError):
+                    raise CheckpointError(f"missing weight file {path}") from None
+                except IsADirectoryError:
+                    raise CheckpointError(f"{path} is a folder, not a weight file") from None
+                for name, info in _infos(path, fd).items():
+                    if name in self.info:
+                        raise CheckpointError(f"tensor '{name}' is stored twice: in {self.info[name].file} and {path}")
+                    self.info[name] = info
+        except BaseException:
+            self.close()
+            raise
         self.names = list(self.info)
 
     @property
@@ -241,11 +262,13 @@ class Checkpoint:
 
     def view(self, name: str) -> Tensor:
         """A read-only tensor over the file's own bytes (memory-mapped, no copy): for random access to a few
-        entries, as a task switch needs. Its pages count as this process's resident memory once touched."""
+        entries, as a task switch needs. Its pages count as this process's resident memory once touched.
+        The map is made from the descriptor opened with the checkpoint: it shows that file, even removed."""
         info = self.info[name]
         array = self._mmaps.get(info.file)
         if array is None:
-            array = self._mmaps[info.file] = np.memmap(info.file, dtype=np.uint8, mode="r")
+            mapped = mmap.mmap(self._fd(info.file), 0, access=mmap.ACCESS_READ)
+            array = self._mmaps[info.file] = np.frombuffer(mapped, dtype=np.uint8)
         with warnings.catch_warnings():  # torch warns that the array is read-only; nothing writes to it
             warnings.simplefilter("ignore")
             raw = torch.from_numpy(array[info.start:info.stop])
@@ -254,17 +277,32 @@ class Checkpoint:
     def _fd(self, path: Path) -> int:
         fd = self._fds.get(path)
         if fd is None:
-            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            if path not in self.files:
+                raise CheckpointError(f"{path} is not one of this checkpoint's files")
+            raise CheckpointError(f"{path}: read after the checkpoint was closed")
         return fd
 
+    def sha256(self, path: Path, stop=None) -> str:
+        """sha256 of one of the checkpoint's files, read through its open descriptor (the bytes `read`
+        sees); `stop` (a threading.Event) abandons the work early, returning ''."""
+        return sha256_fd(self._fd(Path(path)), stop)
+
+    def size(self, path: Path) -> int:
+        return os.fstat(self._fd(Path(path))).st_size
+
+    def digests(self, stop=None) -> dict[str, str]:
+        """{file name: sha256} of every weight file, through the open descriptors."""
+        return {p.name: self.sha256(p, stop) for p in self.files}
+
     def close(self) -> None:
+        self._mmaps.clear()  # numpy arrays keep their mmap alive until the last view of it is gone
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
-        self._mmaps.clear()
 
     def __del__(self):
-        self.close()
+        if hasattr(self, "_fds"):
+            self.close()
 
     @property
     def nbytes(self) -> int:
@@ -272,7 +310,7 @@ class Checkpoint:
 
     def fingerprint(self) -> dict:
         """{file name: header_digest}: names, shapes, dtypes and layout of every weight file."""
-        return {p.name: header_digest(p) for p in self.files}
+        return {p.name: header_digest(p, self._fd(p)) for p in self.files}
 
 
 def _pread_into(fd: int, out: Tensor, offset: int, path: Path) -> None:
@@ -380,6 +418,21 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def sha256_fd(fd: int, stop=None) -> str:
+    """sha256 of an open file's whole content, read with pread (the file position is left alone, so other
+    threads may read the same descriptor meanwhile); '' if the threading.Event `stop` is set first."""
+    digest, offset = hashlib.sha256(), 0
+    view = memoryview(bytearray(max(1, min(os.fstat(fd).st_size, 1 << 24))))
+    while True:
+        if stop is not None and stop.is_set():
+            return ""
+        n = os.preadv(fd, [view], offset)
+        if n == 0:
+            return digest.hexdigest()
+        digest.update(view[:n])
+        offset += n
 
 
 def sha256_file(path: Path) -> str:
@@ -587,3 +640,17 @@ def copy_small_files(source: Path, dest: Path, skip: Iterable[str] = ()) -> list
             shutil.copy2(path, dest / path.name)
             copied.append(path.name)
     return copied
+
+
+def save(folder: Path, tensors, max_shard_bytes: int = 5 << 30) -> list[Path]:
+    """Tensors {name: tensor} as a transformers-style folder: model.safetensors, or shards and their index."""
+    folder = Path(folder)
+    plan = [(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
+    writer = PlannedWriter(folder, "model", max_shard_bytes, plan)
+    for name, tensor in tensors.items():
+        writer.write(name, tensor.detach().cpu().reshape(-1))
+    writer.close()
+    writer.write_index()
+    if len(writer.files) == 1 and next(iter(writer.files)) != "model.safetensors":
+        (folder / next(iter(writer.files))).rename(folder / "model.safetensors")
+    return [folder / name for name in (writer.files if len(writer.files) > 1 else ["model.safetensors"])]

@@ -1,9 +1,9 @@
-"""The `mmer-cl` command: fold checkpoints into an MMER state, refit, remove, export and inspect it, train an
+"""The `mmer-cl` command: fold checkpoints into an MMER state, refit, remove, export, rebase and inspect it, train an
 expert, run the benchmark.
 
 Parsing imports nothing heavy, so `--help` answers at once; a subcommand imports what it needs when it runs.
 The library's errors (a bad checkpoint, a mismatched architecture, a bad option) end as one line naming the
-culprit and exit status 1; `--debug` shows the traceback instead.
+culprit and exit status 1; `--debug` (before or after the subcommand) shows the traceback instead.
 """
 
 import argparse
@@ -35,9 +35,14 @@ def _settings(p: argparse.ArgumentParser, fold: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # --debug before or after the subcommand. A subparser's defaults overwrite what the top level parsed, so
+    # the subcommands' --debug has no default (SUPPRESS): given after the subcommand it sets True, else the
+    # top level's value (False unless given before) stands.
+    top = argparse.ArgumentParser(add_help=False)
+    top.add_argument("--debug", action="store_true", help="show the traceback of an error")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    parser = argparse.ArgumentParser(prog="mmer-cl", description=__doc__, parents=[common],
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
+    parser = argparse.ArgumentParser(prog="mmer-cl", description=__doc__, parents=[top],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -79,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace `out` if it exists")
     p.set_defaults(run=_export)
 
+    p = sub.add_parser("rebase", help="re-point a state to a moved copy of its base (same content, checked)")
+    p.add_argument("state")
+    p.add_argument("base", help="the base's new place: a transformers folder with the recorded content")
+    p.set_defaults(run=_rebase)
+
     p = sub.add_parser("inspect", help="tasks, settings, mask densities and storage of a state")
     p.add_argument("state")
     p.add_argument("--json", action="store_true", help="print the whole report as JSON")
@@ -109,10 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", help="comma-separated streams: built-in names or module:function of your own "
                                     "(default: the profile's)")
     p.add_argument("--methods", help="comma-separated methods (default: every method that applies to each stream)")
-    p.add_argument("--seeds", help="comma-separated seeds (default: the profile's)")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results", help="folder for tables and plots (default: results)")
     p.add_argument("--cache", help="where run folders live (default: $MMER_CL_CACHE or ~/.cache/mmer_cl/runs)")
-    p.set_defaults(run=lambda args: importlib.import_module("mmer_cl.bench.run").cli_run(args))
+    p.set_defaults(run=lambda args: importlib.import_module("mmer_cl.bench.loop").cli_run(args))
     return parser
 
 
@@ -121,8 +131,13 @@ def _prefix_map(values):
         return None
     for value in values:
         if "=" not in value:
-            raise SystemExit(f"mmer-cl fold: error: --prefix-map takes BASE_PREFIX=TASK_PREFIX, got {value!r}")
+            raise UsageError(f"--prefix-map takes BASE_PREFIX=TASK_PREFIX (e.g. 'model.=language_model.model.'), "
+                             f"got {value!r}")
     return [value.split("=", 1) for value in values]
+
+
+class UsageError(ValueError):
+    """An option given in a form the command cannot use."""
 
 
 def _chosen(args, names) -> dict:
@@ -164,6 +179,14 @@ def _export(args) -> int:
     return 0
 
 
+def _rebase(args) -> int:
+    from mmer_cl import fold
+
+    manifest = fold.rebase(args.state, args.base)
+    print(f"rebased {args.state} onto {manifest['base']['path']}: its content matches the recorded base")
+    return 0
+
+
 def _inspect(args) -> int:
     from mmer_cl import analysis
 
@@ -196,7 +219,11 @@ def main(argv=None) -> int:
         if args.debug:
             raise
         kind = "" if isinstance(error, (ValueError, OSError)) else f"{type(error).__name__}: "
-        print(f"mmer-cl {args.command}: error: {kind}{error} (--debug shows the traceback)", file=sys.stderr)
+        message = " ".join(str(error).split()) or type(error).__name__  # one line, whatever the message
+        if isinstance(error, OSError) and error.filename is None:  # e.g. ENOSPC: say where it happened
+            where = [str(getattr(args, name)) for name in ("out", "state") if getattr(args, name, None)]
+            message += f" (while writing {where[0]})" if where else ""
+        print(f"mmer-cl {args.command}: error: {kind}{message} (--debug shows the traceback)", file=sys.stderr)
         return 1
 
 

@@ -19,7 +19,8 @@ from mmer_cl.store import StateError
 
 
 def open_base(state: store.State) -> Checkpoint:
-    """The state's theta0, checked against what the manifest recorded."""
+    """The state's theta0, checked against the layout the manifest recorded (its content is checked by
+    fold.ContentCheck while it is read)."""
     return fold.recorded_base(state.manifest, state.dir)
 
 
@@ -45,34 +46,58 @@ def decoupled_tensors(state: store.State, task: dict, base: Checkpoint):
 
 
 def decoupled_state_dict(state_dir, task: str) -> dict[str, Tensor]:
-    """Task `task`'s model as a state dict: theta0 + r * m * tau_star, plus its private parameters."""
+    """Task `task`'s model as a state dict: theta0 + r * m * tau_star, plus its private parameters; the
+    base's content checked against the recorded sha256 while it is read."""
     state = store.load(state_dir)
-    return dict(decoupled_tensors(state, state.task(task), open_base(state)))
+    base = open_base(state)
+    check = fold.ContentCheck(base, state.manifest["base"].get("sha256"))
+    try:
+        tensors = dict(decoupled_tensors(state, state.task(task), base))
+    except BaseException:
+        check.cancel()
+        raise
+    check.result()
+    return tensors
 
 
 def export(state_dir, task: str, out_dir, *, force: bool = False, progress: bool = True) -> Path:
     """Writes task `task`'s decoupled model as a transformers folder (its config files, sharded safetensors
     and index) that `from_pretrained` loads: built in `<out_dir>.partial`, then renamed into place. An
-    existing non-empty `out_dir` is refused unless `force`, which replaces it."""
+    existing non-empty `out_dir` is refused unless `force`, which replaces it. The state is checked whole
+    (store.load), the base's content while it is read (before anything is renamed into place); a stale
+    `<out_dir>.partial` of an export that died is removed first, and a failed export removes its own."""
     state = store.load(state_dir)
     entry, base = state.task(task), open_base(state)
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
         raise StateError(f"export target {out_dir} is a file, not a folder")
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise StateError(f"export target {out_dir} exists and is not empty (force=True, --force, replaces it)")
     staging = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)  # a stale one from an export that died
-    staging.mkdir(parents=True)
+    _remove(staging)  # a stale one from an export that died: none of its files may end up in out_dir
+    try:
+        staging.mkdir(parents=True)
+    except (FileExistsError, NotADirectoryError) as error:
+        raise StateError(f"export target {out_dir}: cannot create {staging} ({error.strerror})") from None
+    check = fold.ContentCheck(base, state.manifest["base"].get("sha256"))
     try:
         _write_model(state, entry, base, staging, progress)
+        check.result()
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        check.cancel()
+        _remove(staging)
         raise
     return out_dir
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
 
 
 def _write_model(state: store.State, entry: dict, base: Checkpoint, folder: Path, progress: bool) -> None:
@@ -83,14 +108,15 @@ def _write_model(state: store.State, entry: dict, base: Checkpoint, folder: Path
     writer = PlannedWriter(folder, "model", state.manifest["shard_bytes"], plan)
     for name, tensor in tqdm(decoupled_tensors(state, entry, base), total=len(plan), desc=f"export {entry['name']}",
                              unit="tensor", disable=not progress):
-        writer.write(name, tensor)
+        if tensor.numel():  # the writer records a tensor with no elements itself, as it comes up in the plan
+            writer.write(name, tensor.reshape(-1))
     writer.close()
     if len(writer.files) > 1:
         writer.write_index()
     else:
         (folder / next(iter(writer.files))).rename(folder / "model.safetensors")
     for relpath in entry["config_files"]:
-        (folder / Path(relpath).name).write_bytes((state.dir / relpath).read_bytes())
+        (folder / Path(relpath).name).write_bytes(state.read_bytes(relpath))
 
 
 class TaskSwitcher:
@@ -100,8 +126,9 @@ class TaskSwitcher:
     in, and the model must have them. `to_base()` puts theta0 back (for a task not folded yet)."""
 
     def __init__(self, model: torch.nn.Module, state_dir):
-        self.state = store.load(state_dir)
+        self.state = store.load(state_dir)  # every file opened: later folds take nothing away from this switcher
         self.base = open_base(self.state)
+        fold.check_base(self.state.manifest, self.base)
         self.tau_star = self.state.tau_star()
         self.tensors = model.state_dict(keep_vars=True)
         self.current: str | None = None

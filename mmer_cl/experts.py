@@ -11,7 +11,6 @@ linear warm-up then linear decay, gradient norm clipped at 1. The data order and
 follow `seed`; a time budget stops training after the step that crosses it.
 """
 
-import argparse
 import json
 import math
 import time
@@ -64,7 +63,7 @@ def _loader(dataset, batch_size: int, seed: int, shuffle: bool) -> DataLoader:
                       drop_last=shuffle and len(dataset) >= batch_size)
 
 
-def _param_groups(model: nn.Module, lr: float, backbone_lr: float) -> list[dict]:
+def param_groups(model: nn.Module, lr: float, backbone_lr: float) -> list[dict]:
     private, shared = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
@@ -74,7 +73,7 @@ def _param_groups(model: nn.Module, lr: float, backbone_lr: float) -> list[dict]
     return [{"params": shared, "lr": backbone_lr}, {"params": private, "lr": lr}]
 
 
-def _schedule(step: int, total: int) -> float:
+def schedule(step: int, total: int) -> float:
     """Linear warm-up over WARMUP_FRACTION of the steps, then linear decay to 0 at `total`."""
     warmup = max(1, int(WARMUP_FRACTION * total))
     if step < warmup:
@@ -115,8 +114,8 @@ def train_expert(task: str, modality: str, splits, *, mode: str = "full", steps:
         model = models.lora_model(model, r=lora_r, lora_alpha=lora_alpha)
     loader = _loader(train, batch_size, seed, shuffle=True)
     total = steps if steps is not None else max(1, math.ceil((epochs or 1.0) * len(loader)))
-    optimizer = torch.optim.AdamW(_param_groups(model, lr, backbone_lr), weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _schedule(step, total))
+    optimizer = torch.optim.AdamW(param_groups(model, lr, backbone_lr), weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step, total))
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
 
     model.train()
@@ -189,7 +188,8 @@ def save_expert(model, folder, merged_folder=None) -> Path:
 # ---- CLI ------------------------------------------------------------------------------------------------
 
 
-def _cmd_train_expert(args) -> int:
+def cli_train_expert(args) -> int:
+    """`mmer-cl train-expert`: train, evaluate on the whole val and test splits, save."""
     from mmer_cl import data
 
     if args.threads:
@@ -215,25 +215,3 @@ def _cmd_train_expert(args) -> int:
           f"of batch {args.batch_size} in {info['train_time_s']:.1f} s ({info['s_per_step']:.3f} s/step, "
           f"stopped by {info['stopped_by']}); saved to {out}")
     return 0
-
-
-def register_cli(subparsers) -> None:
-    p = subparsers.add_parser("train-expert", help="fine-tune one modality's expert from the pretrained backbone",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--modality", required=True, choices=models.MODALITIES)
-    p.add_argument("--mode", default="full", choices=["full", "lora"])
-    p.add_argument("--steps", type=int, help="optimizer steps (default: one epoch)")
-    p.add_argument("--epochs", type=float, help="passes over the training split, instead of --steps")
-    p.add_argument("--time-budget", type=float, help="stop after this many seconds of training")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, help=f"private modules' learning rate (default {PRIVATE_LR})")
-    p.add_argument("--backbone-lr", type=float, help=f"backbone / LoRA learning rate (default {BACKBONE_LR})")
-    p.add_argument("--lora-r", type=int, default=8)
-    p.add_argument("--lora-alpha", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-size", type=int, help="train on a seeded subset of this many examples")
-    p.add_argument("--eval-size", type=int, help="evaluate on seeded subsets of this many val/test examples")
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    p.add_argument("--out", help="output folder (default experts/<modality>-<mode>-seed<seed>); a LoRA expert "
-                                 "also writes its merged dense model to <out>-merged")
-    p.set_defaults(func=_cmd_train_expert)

@@ -17,6 +17,7 @@ task's merge and mask from the kept vectors with other settings; `remove` drops 
 import dataclasses
 import math
 import shutil
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -59,6 +60,22 @@ class Settings:
 
     def check(self) -> "Settings":
         """Every value known, finite and in range, and a mode that can keep what the merge needs."""
+        self.check_values()
+        merge, rule = merging.MERGES[self.merge], merging.MASK_RULES[self.mask_rule]
+        if self.mode == "sparse" and not merge.running and merge.needs != "trimmed":
+            raise StateError(f"merge '{self.merge}' needs each task's whole vector; a sparse state keeps only "
+                             f"trimmed ones: use mode='exact'")
+        if self.mode == "compact" and not merge.running and rule.fn is None:
+            raise StateError(f"a compact state keeps only tau_star and masks: merge '{self.merge}' without masks "
+                             f"cannot recover old tasks from it; use mode='exact' or 'sparse', or a mask rule")
+        return self
+
+    def check_values(self) -> "Settings":
+        """Each value on its own: names known, numbers real, finite and in range (NaN fails every range)."""
+        for field in ("k", "alpha", "p", "energy"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise StateError(f"{field} must be a number, got {value!r}")
         for field, known in (("mode", modes.NAMES), ("merge", merging.MERGES), ("mask_rule", merging.MASK_RULES),
                              ("trim", TRIMS)):
             if getattr(self, field) not in known:
@@ -69,15 +86,8 @@ class Settings:
                 raise StateError(f"{field} must lie in {closed[0]}{low}, {high}{closed[1]}, got {value}")
         if not (math.isfinite(self.alpha) and self.alpha > 0):
             raise StateError(f"alpha must be a finite positive number, got {self.alpha}")
-        if not isinstance(self.seed, int):
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise StateError(f"seed must be an integer, got {self.seed!r}")
-        merge, rule = merging.MERGES[self.merge], merging.MASK_RULES[self.mask_rule]
-        if self.mode == "sparse" and not merge.running and merge.needs != "trimmed":
-            raise StateError(f"merge '{self.merge}' needs each task's whole vector; a sparse state keeps only "
-                             f"trimmed ones: use mode='exact'")
-        if self.mode == "compact" and not merge.running and rule.fn is None:
-            raise StateError(f"a compact state keeps only tau_star and masks: merge '{self.merge}' without masks "
-                             f"cannot recover old tasks from it; use mode='exact' or 'sparse', or a mask rule")
         return self
 
     @property
@@ -94,6 +104,8 @@ class Settings:
 
 
 def check_lam(lam, rule: str) -> float:
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)):
+        raise StateError(f"lam must be a number, got {lam!r}")
     lam = float(lam)
     if not (math.isfinite(lam) and lam >= 0) or (rule == "random" and lam > 1):
         limit = "a density in [0, 1]" if rule == "random" else "a finite number >= 0"
@@ -117,21 +129,31 @@ def fold(state_dir, finetuned, task: str, *, base=None, lam: float = 1.0, meta: 
     language-model tensors the base lacks as private; meta: anything to record with the task.
     """
     state_dir = Path(state_dir)
+    _check_options(settings, lam)  # every number, before anything is written (a new state's folder included)
+    early = None  # a new state's base and source, checked before its folder is made
+    if _holds_no_state(state_dir):
+        if base is None:
+            raise StateError(f"{state_dir} holds no state yet: the first fold needs a base (--base)")
+        store.check_new_task(None, task)
+        early_base = _open_base(Path(base))
+        early = early_base, open_source(finetuned, early_base, prefix_map, allow_extra)
     with store.lock(state_dir, create=True):
         manifest = store.read_manifest(state_dir)
         chosen = _settings(manifest, settings)
         lam = check_lam(lam, chosen.mask_rule)
         store.check_new_task(manifest, task)
+        source = None
         if manifest is None:
             if base is None:
                 raise StateError(f"{state_dir} holds no state yet: the first fold needs a base (--base)")
-            base_ckpt = _open_base(Path(base))
+            base_ckpt, source = early if early is not None else (_open_base(Path(base)), None)
             manifest = _new_manifest(_base_reference(base_ckpt, state_dir), chosen, shard_bytes
                                      or max(p.stat().st_size for p in base_ckpt.files))
         else:
             store.verify(state_dir, manifest, full=False)
             base_ckpt = recorded_base(manifest, state_dir, given=base)
-        source = open_source(finetuned, base_ckpt, prefix_map, allow_extra)
+        if source is None:
+            source = open_source(finetuned, base_ckpt, prefix_map, allow_extra)
         new_task = {"name": task, "source": _describe(finetuned), "kind": source.kind, "fingerprint": source.fingerprint(),
                     "name_map": source.name_map, "lam": lam, "meta": meta or {},
                     "dir": store.task_dir(len(manifest["tasks"]), task)}
@@ -145,6 +167,7 @@ def refit(state_dir, *, lams=None, workers: int = 0, progress: bool = False, **s
     mask_rule ...) or lam (a scalar, one per task, or {task: lam}); how hyperparameters are chosen on
     validation data. Exact states take any merge; sparse ones those that need only trimmed vectors."""
     state_dir = Path(state_dir)
+    _check_options(settings, lams)
     with store.lock(state_dir):
         state = store.load(state_dir, full=False)
         manifest = state.manifest
@@ -174,6 +197,27 @@ def remove(state_dir, task: str, *, workers: int = 0, progress: bool = False) ->
             raise StateError(f"'{task}' is the state's only task; delete the folder {state_dir} instead")
         base = recorded_base(manifest, state_dir)
         return Rebuild(state_dir, manifest, base, chosen, tasks, None, workers=workers, progress=progress).run()
+
+
+def _check_options(changes: dict, lams) -> None:
+    """The options of a fold or refit on their own (names known, numbers finite and in range), before any
+    lock is taken or folder made; what depends on the state (its mode, its mask rule) is checked under the lock."""
+    unknown = set(changes) - {f.name for f in dataclasses.fields(Settings)}
+    if unknown:
+        raise TypeError(f"unknown settings {sorted(unknown)}; known: {[f.name for f in dataclasses.fields(Settings)]}")
+    dataclasses.replace(Settings(), **{n: v for n, v in changes.items() if v is not None}).check_values()
+    values = [] if lams is None else list(lams.values()) if isinstance(lams, dict) else \
+        [lams] if isinstance(lams, (int, float)) else list(lams)
+    for lam in values:
+        check_lam(lam, "mmer")
+
+
+def _holds_no_state(state_dir: Path) -> bool:
+    """A folder a fold would create a state in: missing, or a folder without a manifest."""
+    try:
+        return not state_dir.exists() or (state_dir.is_dir() and store.read_manifest(state_dir) is None)
+    except StateError:
+        return False  # a damaged manifest: the lock's checks name it
 
 
 def _settings(manifest: dict | None, changes: dict) -> Settings:
@@ -232,7 +276,8 @@ def _open_base(path: Path) -> Checkpoint:
 
 def _base_reference(base: Checkpoint, state_dir: Path) -> dict:
     """The base as the manifest records it: its path (relative when it lies inside the state, so that the
-    state can move), layout digest, size."""
+    state can move), layout digest, size. Its content (sha256 per weight file, "sha256") is added when the
+    first fold commits, hashed while the fold runs (ContentCheck)."""
     folder = base.folder.resolve()
     try:
         path = str(folder.relative_to(state_dir.resolve()))
@@ -247,15 +292,135 @@ def base_path(manifest: dict, state_dir: Path) -> Path:
     return (Path(state_dir) / manifest["base"]["path"]).resolve()
 
 
+def _rebase_hint(state_dir: Path, new: str = "NEW_BASE") -> str:
+    return f"mmer-cl rebase {state_dir} {new} (fold.rebase) re-points the state to a copy with the same content"
+
+
+def _layout_differences(recorded: dict, found: dict, folder: Path) -> list[str]:
+    """How a base's {file name: header digest} differs from the recorded one, file by file."""
+    out = [f"{folder / name} is missing" for name in recorded if name not in found]
+    out += [f"{folder / name} is not in the recorded base" for name in found if name not in recorded]
+    out += [f"{folder / name} has other tensor names, shapes, dtypes or size" for name in recorded
+            if name in found and found[name] != recorded[name]]
+    return out
+
+
 def recorded_base(manifest: dict, state_dir: Path, given=None) -> Checkpoint:
+    """The state's base, opened, with the recorded layout (names, shapes, sizes per file). Its content is
+    checked by ContentCheck, while it is read (fold, refit, export)."""
+    state_dir = Path(state_dir)
     recorded = base_path(manifest, state_dir)
     if given is not None and Path(given).resolve() != recorded:
-        raise StateError(f"this state's base is {recorded}, not {Path(given).resolve()}")
+        raise StateError(f"this state's base is {recorded}, not {Path(given).resolve()}; if that is a copy of it "
+                         f"(the base moved), {_rebase_hint(state_dir, str(given))}")
+    if not recorded.is_dir():
+        raise StateError(f"the base {recorded} this state was built on is missing (moved or deleted?); "
+                         f"{_rebase_hint(state_dir)}")
     base = _open_base(recorded)
-    if base.fingerprint() != manifest["base"]["files"]:
-        raise StateError(f"the base {recorded} differs from the one this state was built on: its weight files' "
-                         f"names, shapes or sizes changed")
+    differ = _layout_differences(manifest["base"]["files"], base.fingerprint(), recorded)
+    if differ:
+        raise StateError(f"the base {recorded} differs from the one this state was built on: {differ[0]}"
+                         + (f" (and {len(differ) - 1} more)" if len(differ) > 1 else ""))
     return base
+
+
+class ContentError(StateError):
+    """A state file or a base file whose sha256 is not the recorded one."""
+
+
+class ContentCheck:
+    """sha256 of what a fold or an export reads, computed on a thread of its own while the work goes on,
+    through the very descriptors the work reads (Checkpoint opens them up front, so what is hashed is what
+    is read): the state files in `relpaths` against the manifest's sha256, then the base's weight files
+    against `base_sha256` (the sha256 the state recorded at its first fold; None records them: `result()`
+    returns {file name: sha256}). hashlib releases the GIL, so the hashing runs beside the fold's kernels.
+    `result()` waits and raises a ContentError naming the first file that differs; `cancel()` stops early."""
+
+    def __init__(self, base: Checkpoint | None, base_sha256: dict | None = None, state: store.State | None = None,
+                 relpaths=()):
+        self._stop = threading.Event()
+        pool = ThreadPoolExecutor(1, thread_name_prefix="sha256")
+        self._future = pool.submit(self._run, base, base_sha256, state, list(relpaths))
+        pool.shutdown(wait=False)
+
+    def _run(self, base, expected, state, relpaths):
+        for relpath in relpaths:
+            digest = state.sha256(relpath, self._stop)
+            if self._stop.is_set():
+                return None
+            if digest != state.manifest["files"][relpath]["sha256"]:
+                return ContentError(f"state file {state.dir / relpath} is corrupt: its sha256 differs from the "
+                                    f"manifest's; refused, the state is left as it was (restore the file from a "
+                                    f"backup, or rebuild the state)")
+        digests = {}
+        for path in base.files if base is not None else []:
+            digest = base.sha256(path, self._stop)
+            if self._stop.is_set():
+                return None
+            if expected is not None and expected.get(path.name) != digest:
+                return ContentError(f"the base file {path} is not the one this state was built on: its sha256 "
+                                    f"differs from the one recorded at the first fold (same tensor names and "
+                                    f"shapes, other values); refused: restore the original base")
+            digests[path.name] = digest
+        return digests
+
+    def result(self) -> dict:
+        outcome = self._future.result()
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def failure(self) -> ContentError | None:
+        """Waits for the check; the ContentError it found, or None (also if the check itself failed)."""
+        try:
+            outcome = self._future.result()
+        except Exception:  # noqa: BLE001 - an unreadable file: the caller's own error says more
+            return None
+        return outcome if isinstance(outcome, ContentError) else None
+
+    def cancel(self) -> None:
+        self._stop.set()
+
+
+def check_base(manifest: dict, base: Checkpoint) -> None:
+    """The base's content against the sha256 the state recorded (nothing to check in a state written before
+    they were recorded); a ContentError naming the file that differs. Hashes every weight file once."""
+    if manifest["base"].get("sha256") is not None:
+        ContentCheck(base, manifest["base"]["sha256"]).result()
+
+
+def rebase(state_dir, new_base) -> dict:
+    """Re-points the state at `state_dir` to `new_base`, a copy of its base elsewhere (the base or the state
+    moved): the copy must have the recorded files, layout and content (sha256 per file); otherwise a
+    StateError naming the file that differs, and the state unchanged. Under the writer lock; the new
+    manifest is committed atomically. Returns it."""
+    state_dir = Path(state_dir)
+    with store.lock(state_dir):
+        manifest = store.read_manifest(state_dir)
+        if manifest is None:
+            raise StateError(f"{state_dir} holds no mmer-cl state ({store.MANIFEST} not found)")
+        new = _open_base(Path(new_base))
+        differ = _layout_differences(manifest["base"]["files"], new.fingerprint(), new.folder)
+        if differ:
+            raise StateError(f"cannot rebase {state_dir} onto {new.folder}: it is not the base this state was "
+                             f"built on: {differ[0]}" + (f" (and {len(differ) - 1} more)" if len(differ) > 1 else ""))
+        expected = manifest["base"].get("sha256")
+        if expected is None:  # a state from before content hashes: the old base, if still there, tells
+            old = base_path(manifest, state_dir)
+            if not old.is_dir():
+                raise StateError(f"cannot rebase {state_dir}: it records no sha256 of its base (written by an "
+                                 f"older version) and the old base {old} is gone, so {new.folder} cannot be checked")
+            expected = ContentCheck(recorded_base(manifest, state_dir)).result()
+        digests = ContentCheck(new).result()
+        differ = [name for name in expected if digests.get(name) != expected[name]]
+        if differ:
+            raise StateError(f"cannot rebase {state_dir} onto {new.folder}: {new.folder / differ[0]} differs from "
+                             f"the base this state was built on (its sha256; same tensor names and shapes, other "
+                             f"values)" + (f"; {len(differ) - 1} more files differ" if len(differ) > 1 else ""))
+        reference = dict(_base_reference(new, state_dir), sha256=digests)
+        manifest = dict(manifest, base=reference, updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        store.commit(state_dir, manifest)
+        return manifest
 
 
 # ---- one rebuild: a new generation of tau_star and masks ----------------------------------------------
@@ -272,7 +437,7 @@ class Rebuild:
         self.tasks, self.source, self.workers, self.progress = [dict(t) for t in tasks], source, workers, progress
         self.merge, self.rule = merging.MERGES[settings.merge], merging.MASK_RULES[settings.mask_rule]
         self.mode = modes.of(settings.mode)
-        state = store.State(state_dir, manifest)
+        state = self.state = store.State(state_dir, manifest)
         old = Settings.of(manifest) if manifest["tasks"] else settings
         by_name = {t["name"]: t for t in manifest["tasks"]}
         stored = [t for t in self.tasks if t["name"] in by_name]
@@ -281,6 +446,11 @@ class Rebuild:
             self.readers.append(source.tau)
         self.replay = self.merge.running and source is None  # a refit or remove replays the tasks in order
         self.tau_star_old = state.tau_star() if self.merge.running and not self.replay and stored else None
+        # What this rebuild reads of the state, checked against the manifest's sha256 while it runs.
+        read = [f for t in stored for f in (by_name[t["name"]]["mask_files"] + manifest["tau_star_files"]
+                                            if old.mode == "compact" else by_name[t["name"]]["vector_files"])]
+        read += manifest["tau_star_files"] if self.tau_star_old is not None else []
+        self.read_files = list(dict.fromkeys(read))
         self.whole = not self.merge.elementwise or (self.merge.running and self.merge.trim)
         self.lams = torch.tensor([t["lam"] for t in self.tasks], dtype=torch.float32).reshape(-1, 1)
         self.params = settings.params()
@@ -299,6 +469,9 @@ class Rebuild:
         generation = self.manifest["generation"] + 1
         gen_rel = store.generation_dir(generation)
         staged = self.staged = []
+        # The state files this rebuild reads and the base, hashed beside the work; checked before anything
+        # is published, so a corrupt state or a base changed in place is refused and the state left as it was.
+        check = ContentCheck(self.base, self.manifest["base"].get("sha256"), self.state, self.read_files)
         try:
             gen_dir = store.stage(self.dir, gen_rel)
             staged.append(gen_dir)
@@ -309,11 +482,17 @@ class Rebuild:
             files = self._close_writers(gen_dir, gen_rel)
             if self.source is not None:
                 files.update(self._write_task_files())
-        except BaseException:
+            base_sha256 = check.result()
+        except BaseException as error:
             for folder in staged:  # a failed fold leaves the state as it was: drop what it staged
                 shutil.rmtree(folder, ignore_errors=True)
+            if isinstance(error, Exception) and not isinstance(error, ContentError):
+                found = check.failure()  # a corrupt file may be what made the work fail: say so
+                if found is not None:
+                    raise found from error
+            check.cancel()
             raise
-        return self._commit(staged, generation, files)
+        return self._commit(staged, generation, files, base_sha256)
 
     def _stream(self) -> None:
         pool = ThreadPoolExecutor(self.workers) if self.workers > 0 else None
@@ -494,7 +673,7 @@ class Rebuild:
         numel = self.base.info[name].numel
         if stop > start:  # a tensor with no elements has no chunk to write
             self.tau_star_writer.write(name, tau_star)
-            for writer, p in zip(self.mask_writers, packed):
+            for writer, p in zip(self.mask_writers, packed if packed is not None else []):
                 writer.write(name, p)
         self.tau_star_sq += float(tau_star.double().square().sum())
         if self.rule.rescale:
@@ -546,7 +725,7 @@ class Rebuild:
             files.update(store.file_entries(folder, task["dir"], entries))
         return files
 
-    def _commit(self, staged: list, generation: int, files: dict) -> dict:
+    def _commit(self, staged: list, generation: int, files: dict, base_sha256: dict) -> dict:
         T = len(self.tasks)
         if self.source is not None:
             self.tasks[-1]["norm"] = math.sqrt(self.new_sq)
@@ -558,18 +737,27 @@ class Rebuild:
             task["scale"] = float(rescale[t]) * factor
             if self.settings.mode != "compact":
                 values = {n: thr[t] for n, thr in self.found.items() if thr[t] is not None} if not self.merge.drop else {}
-                if values and len(values) == len(self.base.names):
-                    task["thresholds"] = {"k": self.settings.k, "values": values}
+                if values and len(values) == len(self.base.names):  # an empty tensor's (inf) is not JSON: found again
+                    task["thresholds"] = {"k": self.settings.k,
+                                          "values": {n: v for n, v in values.items() if math.isfinite(v)}}
             task.setdefault("k_kept", self.settings.k)
+        base = dict(self.manifest["base"])
+        base.setdefault("sha256", base_sha256)  # recorded by the first fold (or the first since hashes exist)
+        manifest = dict(self.manifest, generation=generation, base=base, settings=dataclasses.asdict(self.settings),
+                        tasks=self.tasks, tau_star_files=self.tau_star_files, tau_star_norm=math.sqrt(self.tau_star_sq),
+                        files=files, updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        try:
+            store.encode_manifest(self.dir, manifest)  # standard JSON, or refused before anything is published
+        except BaseException:
+            for folder in staged:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
         store.crash_point("staged")
         for folder in staged:  # the partial folders become final; the old manifest still names only old files
             store.publish(folder)
         if self.source is not None:
             fsync_dir(self.dir / "tasks")
         store.crash_point("published")
-        manifest = dict(self.manifest, generation=generation, settings=dataclasses.asdict(self.settings), tasks=self.tasks,
-                        tau_star_files=self.tau_star_files, tau_star_norm=math.sqrt(self.tau_star_sq), files=files,
-                        updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         store.commit(self.dir, manifest)
         store.crash_point("committed")
         store.collect_garbage(self.dir, manifest)

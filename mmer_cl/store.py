@@ -23,7 +23,18 @@ left stuck; `.lock` itself stays (removing a lock file races with the next write
 holder's pid. The lock is re-entrant within one thread; other threads and forked children must not write
 the state meanwhile (a child forked while the lock is held keeps it until the child exits). Readers
 (load, State, inspect, export, switch) take no lock: they read only files the committed manifest names,
-which a fold never modifies (it writes new ones, then swaps the manifest).
+which a fold never modifies (it writes new ones, then swaps the manifest). A fold's garbage collection
+does remove the superseded generation (tau_star, masks) once it has committed; a reader keeps it all the
+same: `load` opens the generation's files at once (store.State, checkpoints.Checkpoint hold a descriptor
+per file, through which an unlinked file stays readable, memory maps included), and reads the manifest again
+when a fold committed between its reading the manifest and opening the files.
+
+Integrity by content, not only size. The manifest records the sha256 of every state file, and (from the
+first fold, fold.ContentCheck) of every weight file of the base. A fold, refit or remove hashes what it reads
+of the state and the base on a thread of its own while it works, through the descriptors it reads, and
+refuses to publish anything if a hash differs, naming the file; export and the task switcher check the base
+likewise, and the state whole (load). manifest.json is always standard JSON: `commit` refuses NaN and
+Infinity (encode_manifest), and `read_manifest` refuses a manifest that holds them.
 
 The store deletes only what it owns. A state folder carries the marker `.mmer-cl-state` (its content: the
 format name), written atomically when the state is created: `lock(state_dir, create=True)` makes the folder
@@ -52,7 +63,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from mmer_cl.checkpoints import Checkpoint, fsync_dir, sha256_file
+from mmer_cl.checkpoints import Checkpoint, CheckpointError, fsync_dir, sha256_fd, sha256_file
 
 FORMAT = "mmer-cl-state"
 FORMAT_VERSION = 1
@@ -87,9 +98,13 @@ def read_manifest(state_dir: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+        manifest = json.loads(path.read_text(), parse_constant=_not_json)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise StateError(f"{path}: corrupt manifest ({error})") from None
+    except ValueError as error:
+        raise StateError(f"{path}: corrupt manifest, not standard JSON ({error})") from None
+    if not isinstance(manifest, dict):
+        raise StateError(f"{path}: corrupt manifest (not a JSON object)")
     if manifest.get("format") != FORMAT:
         raise StateError(f"{path}: not an mmer-cl state manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -109,20 +124,118 @@ def verify(state_dir: Path, manifest: dict, full: bool = True) -> None:
             raise StateError(f"state file {path} is corrupt: its sha256 differs from the manifest's")
 
 
+def _not_json(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+LOAD_ATTEMPTS = 5
+
+
 def load(state_dir: str | Path, full: bool = True) -> "State":
+    """The committed state, its generation's files opened (so a fold that commits and collects meanwhile
+    takes nothing away from this reader; see State), every file checked: sizes, and with `full` sha256.
+    A file missing because a fold committed between reading the manifest and opening it: read again."""
     state_dir = Path(state_dir)
-    manifest = read_manifest(state_dir)
-    if manifest is None:
-        raise StateError(f"{state_dir} holds no mmer-cl state ({MANIFEST} not found)")
-    verify(state_dir, manifest, full)
-    return State(state_dir, manifest)
+    for attempt in range(LOAD_ATTEMPTS):
+        manifest = read_manifest(state_dir)
+        if manifest is None:
+            raise StateError(f"{state_dir} holds no mmer-cl state ({MANIFEST} not found)")
+        try:
+            state = State(state_dir, manifest)
+            state.verify(full)
+        except MissingFile:
+            if attempt + 1 < LOAD_ATTEMPTS and read_manifest(state_dir) != manifest:
+                continue  # a newer manifest was committed meanwhile: load that one
+            raise
+        return state
+    raise AssertionError("unreachable")
+
+
+class MissingFile(StateError):
+    """A file the manifest names is not there."""
 
 
 class State:
-    """Read access to one committed state: its manifest and lazy views of its tensors."""
+    """Read access to one committed state: its manifest and lazy views of its tensors.
+
+    The generation's files (tau_star and every task's mask: what a later fold's garbage collection removes)
+    are opened when the State is made, so it keeps reading the generation it was made on while later folds
+    commit and collect it. A task's own files (kept vector, private parameters, config files), which folds
+    keep, are opened on first use, then held (only `remove` of that task deletes them). The Checkpoints it
+    hands out are cached, one per file group; `close()` closes them all."""
 
     def __init__(self, state_dir: Path, manifest: dict):
         self.dir, self.manifest = Path(state_dir), manifest
+        self._checkpoints: dict[tuple, Checkpoint] = {}
+        self._group: dict[str, tuple] = {}  # relpath of a weight file -> its group's files
+        for files in [manifest.get("tau_star_files", [])] + [task.get(key, []) for task in manifest.get("tasks", [])
+                                                             for key in ("mask_files", "vector_files", "private_files")]:
+            self._group.update({f: tuple(files) for f in files})
+        try:
+            for files in [manifest.get("tau_star_files", [])] + [t.get("mask_files", []) for t in manifest.get("tasks", [])]:
+                self._open(files)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, files: list[str]) -> Checkpoint | None:
+        if not files:
+            return None
+        ckpt = self._checkpoints.get(tuple(files))
+        if ckpt is None:
+            try:
+                ckpt = self._checkpoints[tuple(files)] = Checkpoint([self.dir / f for f in files])
+            except CheckpointError:
+                missing = [self.dir / f for f in files if not (self.dir / f).is_file()]
+                if missing:
+                    raise MissingFile(f"state file {missing[0]} is missing") from None
+                raise
+        return ckpt
+
+    def close(self) -> None:
+        """Closes every file, the Checkpoints this State handed out included."""
+        for ckpt in self._checkpoints.values():
+            ckpt.close()
+        self._checkpoints.clear()
+
+    def _through(self, relpath: str, fn):
+        """fn(fd) on a state file: through its Checkpoint's descriptor if open, else opened for the call."""
+        ckpt = self._checkpoints.get(self._group.get(relpath))
+        path = self.dir / relpath
+        if ckpt is not None:
+            return fn(ckpt._fd(path))
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            raise MissingFile(f"state file {path} is missing") from None
+        try:
+            return fn(fd)
+        finally:
+            os.close(fd)
+
+    def size(self, relpath: str) -> int:
+        return self._through(relpath, lambda fd: os.fstat(fd).st_size)
+
+    def sha256(self, relpath: str, stop=None) -> str:
+        """sha256 of a state file, through the descriptor its reader reads if the State holds one."""
+        return self._through(relpath, lambda fd: sha256_fd(fd, stop))
+
+    def read_bytes(self, relpath: str) -> bytes:
+        """A small state file's bytes (a config file)."""
+        if relpath not in self.manifest["files"]:
+            raise StateError(f"{self.dir}: the manifest names no file {relpath}")
+        return self._through(relpath, lambda fd: os.pread(fd, os.fstat(fd).st_size, 0))
+
+    def verify(self, full: bool = True, only=None) -> None:
+        """Every file the manifest names (or the relpaths in `only`): its size, and with `full` its sha256,
+        through the descriptors the State reads where it holds them. Names the bad file."""
+        for relpath in self.manifest["files"] if only is None else only:
+            entry, path = self.manifest["files"][relpath], self.dir / relpath
+            size = self.size(relpath)
+            if size != entry["bytes"]:
+                raise StateError(f"state file {path} has {size} bytes, the manifest says {entry['bytes']}")
+            if full and self.sha256(relpath) != entry["sha256"]:
+                raise StateError(f"state file {path} is corrupt: its sha256 differs from the manifest's")
 
     @property
     def tasks(self) -> list[dict]:
@@ -133,9 +246,6 @@ class State:
             if task["name"] == name:
                 return task
         raise StateError(f"no task '{name}' in {self.dir}; it holds {[t['name'] for t in self.tasks]}")
-
-    def _open(self, files: list[str]) -> Checkpoint | None:
-        return Checkpoint([self.dir / f for f in files]) if files else None
 
     def tau_star(self) -> Checkpoint | None:
         return self._open(self.manifest["tau_star_files"])
@@ -183,15 +293,26 @@ def publish(staging: Path) -> Path:
     return final
 
 
+def encode_manifest(state_dir: Path, manifest: dict) -> str:
+    """The manifest as standard JSON (never NaN or Infinity, which json.dump writes by default); a StateError
+    for a value JSON cannot represent."""
+    try:
+        return json.dumps(manifest, indent=1, allow_nan=False)
+    except ValueError as error:
+        raise StateError(f"{Path(state_dir) / MANIFEST}: not committed, the new manifest holds a value JSON cannot "
+                         f"represent ({error}); the state is left as it was") from None
+
+
 def commit(state_dir: Path, manifest: dict) -> None:
     """Replaces manifest.json atomically: temporary file, fsync, rename, fsync of the folder."""
     state_dir = Path(state_dir)
     own = [rel for rel in manifest["files"] if Path(rel).as_posix() in (MARKER, LOCK_FILE, MANIFEST)]
     if own:
         raise StateError(f"{state_dir}: a manifest may not name the store's own files {own}")
+    text = encode_manifest(state_dir, manifest)
     tmp = state_dir / f"{MANIFEST}.tmp"
     with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     crash_point("manifest-written")

@@ -23,6 +23,7 @@ class Profile:
     lams: tuple = (0.5, 1.0, 2.0)
     ta_alphas: tuple = (0.3, 0.5, 0.7, 1.0)
     tall_lams: tuple = (0.2, 0.4, 0.6)
+    energies: tuple = (0.3, 0.5, 0.7)  # OPCM's singular-value fraction
     skip: tuple = ()  # "stream/method" pairs left out unless --methods names them
     cost: str = ""
 
@@ -34,7 +35,7 @@ class Profile:
 
 PROFILES = {
     "quick": Profile("quick", steps=4, batch_size=8, train_per_task=32, val_per_task=32, test_per_task=64,
-                     alphas=(1.0, 2.0), lams=(1.0,), ta_alphas=(0.5, 1.0), tall_lams=(0.4,),
+                     alphas=(1.0, 2.0), lams=(1.0,), ta_alphas=(0.5, 1.0), tall_lams=(0.4,), energies=(0.5,),
                      cost="a smoke run of everything, a few minutes"),
     # EWC, LwF and Replay cost 2-3x Naive's training (5-8 min each on the modality stream): within the time
     # budget they run on Split Fashion-MNIST only, where forgetting is measured.

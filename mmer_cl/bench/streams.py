@@ -1,0 +1,150 @@
+"""Streams: what a benchmark run learns, task by task, and the built-in ones.
+
+A stream function fn(profile, seed) -> StreamData, registered with `@stream(name)` (or named on the command
+line as module:function), returns its tasks in order (task label t = specs[t]) with per-task train, val and
+test datasets of (x, y) pairs that carry `.targets`, and how many optimizer steps each task gets. It may
+bring its own model factory: a module with `forward(x, task=name)` whose shared parameters are the ones
+`shared(name)` selects (the default: the library's mini multimodal LLM, shared `backbone.*`).
+
+Built-in streams:
+- modality: vision (Fashion-MNIST) -> audio (spoken words) -> text (WordNet glosses), one expert each;
+- split_fmnist: Fashion-MNIST classes {0,1}, {2,3}, ... {8,9} as 5 tasks with task labels (labels 0/1 per
+  task), each task a fifth of the profile's steps and examples.
+- forgetting: the modality stream's vision and audio tasks, for the forgetting scenario (methods.py: a model
+  fine-tuned on vision, then further on audio; MMER over the two task vectors).
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from mmer_cl import data as data_module
+from mmer_cl import models
+from mmer_cl.bench.glue import TaskSpec
+from mmer_cl.bench.profiles import Profile
+from mmer_cl.bench.registry import stream
+
+
+def backbone_shared(name: str) -> bool:
+    return name.startswith(models.SHARED_PREFIX)
+
+
+@dataclass
+class StreamData:
+    """One stream (module docstring). new_model() builds a fresh model holding every task's modules."""
+
+    name: str
+    specs: list[TaskSpec]
+    train: dict
+    val: dict
+    test: dict
+    steps: int
+    batch_size: int
+    new_model: Callable[[], nn.Module] | None = None
+    shared: Callable[[str], bool] = field(default=backbone_shared)
+    methods: tuple | None = None  # the methods this stream is for (None: every method that applies)
+
+    @property
+    def tasks(self) -> list[str]:
+        return [spec.name for spec in self.specs]
+
+    def model(self) -> nn.Module:
+        if self.new_model is not None:
+            return self.new_model()
+        return models.build_model([(s.name, s.modality, s.num_classes) + (() if s.modality == "text" else (s.input_shape,))
+                                   for s in self.specs])
+
+    def check(self) -> "StreamData":
+        """What a stream must return, checked before any training: a clear message naming what is wrong."""
+        if not self.specs:
+            raise ValueError(f"stream '{self.name}' has no tasks")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"stream '{self.name}': task names repeat: {self.tasks}")
+        for spec in self.specs:
+            for split in ("train", "val", "test"):
+                dataset = getattr(self, split).get(spec.name)
+                where = f"stream '{self.name}', task '{spec.name}', {split} split"
+                if dataset is None or len(dataset) == 0:
+                    raise ValueError(f"{where}: missing or empty")
+                if not hasattr(dataset, "targets"):
+                    raise ValueError(f"{where}: a {type(dataset).__name__} without .targets (one label per example); "
+                                     f"wrap it, e.g. data.LabelledTensors(inputs, targets)")
+                x, y = dataset[0][:2]
+                if tuple(torch.as_tensor(x).shape) != tuple(spec.input_shape):
+                    raise ValueError(f"{where}: inputs of shape {tuple(torch.as_tensor(x).shape)}, the task's spec "
+                                     f"says {tuple(spec.input_shape)}")
+                labels = torch.as_tensor(list(dataset.targets))
+                if int(labels.min()) < 0 or int(labels.max()) >= spec.num_classes:
+                    raise ValueError(f"{where}: labels span {int(labels.min())}..{int(labels.max())}, the task has "
+                                     f"{spec.num_classes} classes")
+        if self.new_model is None:
+            for spec in self.specs:
+                models.task_spec(spec.modality, spec.num_classes, None if spec.modality == "text" else spec.input_shape,
+                                 name=spec.name)
+        return self
+
+
+def spec_of(name: str, modality: str, dataset, num_classes: int) -> TaskSpec:
+    x = torch.as_tensor(dataset[0][0])
+    return TaskSpec(name, modality, tuple(x.shape), x.dtype, num_classes)
+
+
+def subsets(splits, profile: Profile, seed: int, scale: float = 1.0):
+    """Seeded stratified train / val / test subsets of the profile's sizes times `scale` (None: whole)."""
+    def size(n):
+        return None if n is None else max(16, round(n * scale))
+    return tuple(data_module.subset(split, size(n), seed) for split, n in (
+        (splits.train, profile.train_per_task), (splits.val, profile.val_per_task), (splits.test, profile.test_per_task)))
+
+
+@stream("modality")
+def modality_stream(profile: Profile, seed: int) -> StreamData:
+    specs, train, val, test = [], {}, {}, {}
+    for modality in ("vision", "audio", "text"):
+        splits = data_module.load(modality, seed)
+        train[modality], val[modality], test[modality] = subsets(splits, profile, seed)
+        specs.append(spec_of(modality, modality, splits.train, len(splits.classes)))
+    return StreamData("modality", specs, train, val, test, profile.steps, profile.batch_size)
+
+
+class ClassPair(torch.utils.data.Dataset):
+    """The examples of classes (a, b) relabelled 0 and 1: one task of Split Fashion-MNIST."""
+
+    def __init__(self, dataset, classes: tuple[int, int]):
+        targets = torch.as_tensor(list(dataset.targets))
+        self.dataset = dataset
+        self.indices = torch.nonzero((targets == classes[0]) | (targets == classes[1])).flatten().tolist()
+        self.targets = [int(targets[i] == classes[1]) for i in self.indices]
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, index):
+        return self.dataset[self.indices[index]][0], self.targets[index]
+
+
+@stream("split_fmnist")
+def split_fmnist_stream(profile: Profile, seed: int) -> StreamData:
+    """Two classes need fewer steps and examples than ten: each task gets a fifth of the profile's."""
+    splits = data_module.load("vision", seed)
+    steps = max(1, profile.steps // 5)
+    specs, train, val, test = [], {}, {}, {}
+    for pair in [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]:
+        name = f"fmnist_{pair[0]}{pair[1]}"
+        parts = [ClassPair(split, pair) for split in (splits.train, splits.val, splits.test)]
+        train[name] = data_module.subset(parts[0], steps * profile.batch_size, seed)
+        val[name] = data_module.subset(parts[1], None if profile.val_per_task is None else max(16, profile.val_per_task // 2), seed)
+        test[name] = data_module.subset(parts[2], None if profile.test_per_task is None else max(32, profile.test_per_task // 2), seed)
+        specs.append(spec_of(name, "vision", splits.train, 2))
+    return StreamData("split_fmnist", specs, train, val, test, steps, profile.batch_size)
+
+
+@stream("forgetting")
+def forgetting_stream(profile: Profile, seed: int) -> StreamData:
+    modality = modality_stream(profile, seed)
+    keep = modality.specs[:2]
+    return StreamData("forgetting", keep, *({s.name: getattr(modality, part)[s.name] for s in keep}
+                                            for part in ("train", "val", "test")),
+                      modality.steps, modality.batch_size, methods=("forgetting",))

@@ -1,0 +1,171 @@
+"""The benchmark's tables (CSV + Markdown) and plots, from the stored results, and SUMMARY.md.
+
+A result with an accuracy matrix ("matrix") gives a row in the summary; analyses without one (mmer_controls,
+the forgetting scenario) have tables of their own. Every file names the command, date, commit and machine.
+"""
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mmer_cl import metrics
+from mmer_cl.bench import report
+
+
+def _matrix_results(results: dict) -> dict:
+    return {name: r for name, r in results.items() if "matrix" in r}
+
+
+def summary_table(results: dict, expert_accuracy) -> pd.DataFrame:
+    rows = []
+    for name, result in _matrix_results(results).items():
+        R = np.asarray(result["matrix"], dtype=float)
+        only_final = len(R) > 1 and bool(np.isnan(R[:-1]).all())  # joint training: no earlier rows
+        row = {"method": name, "final_avg_acc": float(np.mean(R[-1])),
+               "bwt": float("nan") if only_final else metrics.backward_transfer(R),
+               "avg_forgetting": float("nan") if only_final else metrics.average_forgetting(R),
+               "retention": float(np.mean(metrics.retention(R, expert_accuracy))) if expert_accuracy else float("nan"),
+               "storage_total_mb": result["storage"]["total"] / 2**20}
+        row.update({f"{c}_mb": result["storage"][c] / 2**20 for c in metrics.STORAGE_COMPONENTS})
+        row["fold_s"] = sum(result["fold_seconds"].values()) if "fold_seconds" in result else float("nan")
+        row["method_s"] = result.get("seconds", float("nan"))
+        row["peak_rss_mb"] = result.get("peak_rss_mb", float("nan"))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def retention_table(results: dict, tasks, expert_accuracy) -> pd.DataFrame:
+    rows = []
+    for name, result in _matrix_results(results).items():
+        final = np.asarray(result["matrix"], dtype=float)[-1]
+        row = {"method": name}
+        for task, value, expert in zip(tasks, final, expert_accuracy):
+            row[f"{task}_acc"], row[f"{task}_retention"] = value, value / expert
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def grid_table(results: dict) -> pd.DataFrame:
+    rows = []
+    for name, result in results.items():
+        hyper = result.get("hyper") or {}
+        for point in hyper.get("grid", []):
+            params = {k: v for k, v in point.items() if not k.startswith("val")}
+            chosen = all(hyper["choice"].get(k) == v for k, v in params.items() if not isinstance(hyper["choice"].get(k), dict))
+            rows.append({"method": name, "setting": ", ".join(f"{k}={v}" for k, v in params.items()),
+                         "val_acc": point["val_acc"], "chosen": chosen})
+    return pd.DataFrame(rows)
+
+
+def mask_tables(controls: dict, tasks) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    a = controls["analyses"]
+    rows, layers = [], []
+    for t, task in enumerate(tasks):
+        d = a["density"][task]
+        state_task = f"exp{t:03d}"
+        rows.append({"task": task, "density_raw": d["raw"], "density_effective": d["effective"],
+                     **{f"recon_err_{k}": v[state_task] for k, v in a["reconstruction_error"].items()},
+                     **{f"test_acc_{k}": v[task] for k, v in controls["accuracy"].items()}})
+        layers += [{"task": task, "layer": layer, "density_raw": v["raw"], "density_effective": v["effective"]}
+                   for layer, v in d["per_layer"].items()]
+    overlap = pd.DataFrame([{"pair": pair, "jaccard_where_tau_star_nonzero": v} for pair, v in a["overlap"].items()])
+    return pd.DataFrame(rows), pd.DataFrame(layers), overlap
+
+
+def modes_table(results: dict, tasks) -> pd.DataFrame:
+    rows = []
+    for mode in ("exact", "sparse", "compact"):
+        result = results.get(f"mmer_{mode}")
+        if result is None:
+            continue
+        R, storage = np.asarray(result["matrix"], dtype=float), result["storage"]
+        row = {"mode": mode, "final_avg_acc": float(np.mean(R[-1])), "avg_forgetting": metrics.average_forgetting(R),
+               "storage_total_mb": storage["total"] / 2**20, "tau_star_and_kept_vectors_mb": storage["shared_vectors"] / 2**20,
+               "masks_mb": storage["masks"] / 2**20, "fold_s_total": sum(result["fold_seconds"].values()),
+               **{k: v for k, v in result["hyper"]["choice"].items()}}
+        row.update({f"recon_err_{task}": result["reconstruction_error"][f"exp{t:03d}"] for t, task in enumerate(tasks)})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def routing_table(result: dict, tasks) -> pd.DataFrame:
+    """Rows: the true task; columns: the task whose weights a sample was routed to (counts)."""
+    return pd.DataFrame([{"task": task, **{f"to_{other}": n for other, n in zip(tasks, row)},
+                          "routing_accuracy": row[t] / max(sum(row), 1)}
+                         for t, (task, row) in enumerate(zip(tasks, result["routing_confusion"]))])
+
+
+def write_outputs(out: Path, prov: dict, profile, results: dict, streams: dict, elapsed: float, run) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    sections = [f"# mmer_cl benchmark, profile `{profile.name}`", "", *[f"- {line}" for line in report.provenance_lines(prov)],
+                f"- wall time of this invocation: {elapsed / 60:.1f} min (results reused from the run folder are not "
+                f"re-timed; each method's own time is `method_s`)", f"- profile: `{json.dumps(asdict(profile))}`", ""]
+    for name, stream_results in results.items():
+        sections += _stream_outputs(out, prov, name, stream_results, streams[name].tasks)
+    (out / "SUMMARY.md").write_text("\n".join(sections) + "\n")
+    report.write_provenance(out, prov, extra=f"Run folder (cached experts and method results): {run.dir}")
+
+
+def _stream_outputs(out: Path, prov: dict, name: str, results: dict, tasks) -> list[str]:
+    sections = []
+
+    def table(df, stem, title, note="", section=True):
+        report.write_table(df, out, f"{name}_{stem}", prov, title, note=note)
+        if section:
+            sections.append(report.markdown_section(df, title))
+
+    if "forgetting" in results:
+        scenario = results["forgetting"]
+        table(pd.DataFrame(scenario["rows"]), "scenario", f"{name}: {scenario['tasks'][0]} then {scenario['tasks'][1]}",
+              note=f"MMER's settings chosen on validation: {scenario['choice']}")
+    expert = results["individual"]["expert_accuracy"] if "individual" in results else None
+    matrices = {m: np.asarray(r["matrix"], dtype=float) for m, r in _matrix_results(results).items()}
+    if not matrices:
+        return sections
+    summary = summary_table(results, expert)
+    table(summary, "summary", f"{name}: final accuracy, BWT, forgetting, retention, storage, time")
+    if expert:
+        table(retention_table(results, tasks, expert), "retention", f"{name}: final accuracy and retention per task")
+    long = pd.DataFrame([{"method": m, "after": tasks[t], "task": tasks[j], "acc": R[t, j]}
+                         for m, R in matrices.items() for t in range(len(tasks)) for j in range(len(tasks))])
+    table(long, "matrices", f"{name}: accuracy matrices R[after, task]", section=False)
+    grids = grid_table(results)
+    if len(grids):
+        table(grids, "grids", f"{name}: validation grids", note="Mean validation accuracy with every task merged; "
+              "the test split is never used.", section=False)
+        sections.append(report.markdown_section(grids[grids["chosen"]], f"{name}: settings chosen on validation "
+                                                f"(full grids in {name}_grids.csv)"))
+    if "mmer_controls" in results:
+        masks, layers, overlap = mask_tables(results["mmer_controls"], tasks)
+        table(masks, "masks", f"{name}: masks (density, reconstruction error, test accuracy of MMER's mask vs controls)")
+        table(layers, "mask_layers", f"{name}: mask density per layer", section=False)
+        table(overlap, "mask_overlap", f"{name}: pairwise mask overlap")
+    modes = modes_table(results, tasks)
+    if len(modes):
+        table(modes, "modes", f"{name}: MMER exact / sparse / compact")
+    if "mmer_routed" in results:
+        table(routing_table(results["mmer_routed"], tasks), "routing",
+              f"{name}: MMER without task labels, where lowest-entropy routing sent each task's samples")
+    report.plot_accuracy_matrices(matrices, tasks, out / f"{name}_accuracy_matrices.png", prov, f"{name}: R[after, task]")
+    forgetting = summary.dropna(subset=["avg_forgetting"])
+    report.plot_bars(dict(zip(forgetting["method"], forgetting["avg_forgetting"])), out / f"{name}_forgetting.png", prov,
+                     f"{name}: average forgetting", "average forgetting")
+    report.plot_accuracy_vs_storage(summary, out / f"{name}_accuracy_vs_storage.png", prov, f"{name}: accuracy vs storage")
+    return sections
+
+
+def console_summary(results: dict) -> str:
+    """The summary tables as a run ends, one per stream."""
+    lines = []
+    for name, stream_results in results.items():
+        expert = stream_results.get("individual", {}).get("expert_accuracy")
+        summary = summary_table(stream_results, expert)
+        if len(summary):
+            lines += [f"{name}:", summary[["method", "final_avg_acc", "avg_forgetting", "retention", "storage_total_mb"]]
+                      .to_string(index=False, float_format=lambda v: f"{v:.3f}"), ""]
+        if "forgetting" in stream_results:
+            lines += [f"{name}:", pd.DataFrame(stream_results["forgetting"]["rows"]).to_string(index=False), ""]
+    return "\n".join(lines)
