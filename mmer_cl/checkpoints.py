@@ -17,6 +17,7 @@ import math
 import mmap
 import os
 import shutil
+import stat
 import struct
 import warnings
 from collections import deque
@@ -224,8 +225,8 @@ class Checkpoint:
                     fd = self._fds[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
                 except (FileNotFoundError, NotADirectoryError):
                     raise CheckpointError(f"missing weight file {path}") from None
-                except IsADirectoryError:
-                    raise CheckpointError(f"{path} is a folder, not a weight file") from None
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise CheckpointError(f"{path} is not a weight file (a folder or a device)")
                 for name, info in _infos(path, fd).items():
                     if name in self.info:
                         raise CheckpointError(f"tensor '{name}' is stored twice: in {self.info[name].file} and {path}")

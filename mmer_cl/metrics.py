@@ -16,7 +16,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import Tensor
 
 
@@ -81,7 +80,7 @@ STORAGE_COMPONENTS = ("base", "shared_vectors", "masks", "adapters", "private", 
 
 def nbytes(*kept) -> int:
     """The bytes of what a method keeps: files or folders on disk (their sizes), tensors, mappings or
-    sequences of either, a torch Dataset of tensors (each example's tensors); None is nothing."""
+    sequences of either, a dataset (each example's tensors); None is nothing."""
     total = 0
     for thing in kept:
         if thing is None:
@@ -95,7 +94,7 @@ def nbytes(*kept) -> int:
             total += nbytes(*thing.values())
         elif isinstance(thing, (list, tuple)):
             total += nbytes(*thing)
-        elif isinstance(thing, torch.utils.data.Dataset):
+        elif hasattr(thing, "__getitem__") and hasattr(thing, "__len__"):  # a dataset (torch's, Avalanche's)
             total += sum(nbytes(*[t for t in thing[i] if isinstance(t, Tensor)]) for i in range(len(thing)))
         else:
             raise TypeError(f"cannot measure the storage of a {type(thing).__name__}")

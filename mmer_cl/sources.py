@@ -124,7 +124,8 @@ class ModelSource:
                                       f"{theirs.dtype} {theirs.shape} in the base {theirs.file}")
         shared = {map_name(name, self.name_map) for name in base.names}
         self.private_names = [name for name in model.names if name not in shared]
-        extra = extra_language_model_names(base, self.name_map, self.private_names)
+        # a state dict in memory is a model its caller assembled (MMERPlugin): what the base lacks is private
+        extra = extra_language_model_names(base, self.name_map, self.private_names) if model.folder else []
         if extra:
             message = (f"{self.folder}: {len(extra)} language-model tensors the base {base.folder} lacks, e.g. "
                        f"'{extra[0]}' (a deeper or wider model than the base?)")

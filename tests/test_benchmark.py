@@ -1,14 +1,30 @@
-"""The benchmark's run folder resumes: a finished result is reused, an interrupted one leaves nothing behind."""
+"""The benchmark: a run folder that resumes and never serves a stale result, hyperparameters chosen on
+validation only, a user's own stream, model and method run through `mmer-cl run` without editing the library,
+and a tiny end-to-end run on the real data and backbone."""
 
 import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
-from mmer_cl import benchmark
+from mmer_cl import cli
+from mmer_cl.bench import loop, methods, registry
+from mmer_cl.bench.profiles import PROFILES
+from mmer_cl.bench.runfolder import Run
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "digits_stream.py"
+TINY = replace(PROFILES["quick"], name="tiny", steps=10, batch_size=8, train_per_task=40, alphas=(1.0,), lams=(1.0,),
+               ta_alphas=(1.0,), tall_lams=(0.4,), energies=(0.5,))
 
 
-def test_cached_results_resume_after_an_interrupted_run(tmp_path):
-    run = benchmark.Run(benchmark.PROFILES["quick"], seed=0, run_dir=tmp_path, progress=False)
+class Stream:
+    name, fingerprint = "modality", "f"
+
+
+def test_a_result_is_reused_only_while_its_key_matches_and_an_interrupted_one_leaves_nothing(tmp_path):
+    run = Run(PROFILES["quick"], 0, tmp_path, progress=False)
     calls = []
 
     def finished():
@@ -19,47 +35,89 @@ def test_cached_results_resume_after_an_interrupted_run(tmp_path):
         calls.append("interrupted")
         raise KeyboardInterrupt
 
-    first = run.cached("modality/ties", finished)
+    first = run.cached(Stream, "ties", finished)
     assert first["matrix"] == [[0.5]] and first["seconds"] >= 0 and first["peak_rss_mb"] > 0
     with pytest.raises(KeyboardInterrupt):
-        run.cached("modality/tall", interrupted)
-    assert not (tmp_path / "modality" / "tall.json").exists()
-    assert not list(tmp_path.rglob("*.tmp"))
+        run.cached(Stream, "tall", interrupted)
+    assert not list(tmp_path.rglob("tall.json")) and not list(tmp_path.rglob("*.tmp"))
+    assert Run(PROFILES["quick"], 0, tmp_path).cached(Stream, "ties", finished) == first  # resumed, not recomputed
+    assert calls == ["finished", "interrupted"]
+    changed = Run(replace(PROFILES["quick"], steps=5), 0, tmp_path)  # same name, other values: another folder
+    assert changed.dir != run.dir
+    changed_stream = type("Changed", (), {"name": "modality", "fingerprint": "g"})
+    run.cached(changed_stream, "ties", finished)  # the stream's definition changed: computed again
+    assert calls == ["finished", "interrupted", "finished"]
 
-    rerun = benchmark.Run(benchmark.PROFILES["quick"], seed=0, run_dir=tmp_path, progress=False)
-    assert rerun.cached("modality/ties", finished) == json.loads((tmp_path / "modality" / "ties.json").read_text())
-    assert rerun.cached("modality/tall", finished)["matrix"] == [[0.5]]
-    assert calls == ["finished", "interrupted", "finished"]  # ties was not recomputed
+
+def test_a_user_stream_model_and_method_run_from_the_command_line(tmp_path, capsys):
+    """examples/digits_stream.py registers a stream of its own data and model and a merge method; every method
+    that applies runs on it, and the run ends by printing its summary."""
+    out = tmp_path / "results"
+    code = cli.main(["run", "--stream", f"{EXAMPLE}:digits", "--profile", "quick", "--out", str(out), "--cache",
+                     str(tmp_path / "cache"), "--methods", "individual,mmer_compact,ties,naive,average"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "digits:" in printed and "average" in printed and "mmer_compact" in printed
+    summary = (out / "digits_summary.csv").read_text()
+    assert summary.startswith("# command:") and "average" in summary
+    assert (out / "SUMMARY.md").exists() and (out / "digits_accuracy_matrices.png").stat().st_size > 0
 
 
-def test_cli_rejects_unknown_methods():
-    import argparse
+def test_the_choice_reads_validation_and_never_test(tmp_path, monkeypatch):
+    """Replacing every test set by another leaves the chosen settings unchanged; replacing the validation sets
+    moves the scores the choice is made on."""
+    registry.resolve_stream(f"{EXAMPLE}:digits")
+    data = registry.STREAMS[f"{EXAMPLE}:digits"](TINY, 0).check()
+    data.fingerprint = "x"
+    run = Run(TINY, 0, tmp_path / "a", progress=False)
+    state = methods.experts_folder(run, data) / "state"
+    axes = methods.grid(alpha=(0.5, 1.0, 2.0))
+    settings = dict(merge="ties", mask_rule="none", mode="exact")
+    first = methods.choose(run, data, "ties", state, settings, axes)
+    other = replace(data, test={n: data.val[n] for n in data.test})  # any other test split
+    again = methods.choose(Run(TINY, 0, tmp_path / "b"), other, "ties", methods.experts_folder(Run(TINY, 0, tmp_path / "b"), other) / "state", settings, axes)
+    assert [p["val_acc"] for p in again["grid"]] == [p["val_acc"] for p in first["grid"]]
+    assert again["choice"] == first["choice"]
+    swapped = replace(data, val={n: data.test[n] for n in data.val})
+    moved = methods.choose(Run(TINY, 0, tmp_path / "c"), swapped, "ties", methods.experts_folder(Run(TINY, 0, tmp_path / "c"), swapped) / "state", settings, axes)
+    assert [p["val_acc"] for p in moved["grid"]] != [p["val_acc"] for p in first["grid"]]
 
-    parser = argparse.ArgumentParser()
-    benchmark.register_cli(parser.add_subparsers())
-    args = parser.parse_args(["run", "--methods", "ties,nonsense"])
-    with pytest.raises(SystemExit, match="nonsense"):
-        args.func(args)
+
+def test_a_stream_that_returns_the_wrong_thing_fails_before_training(tmp_path):
+    registry.resolve_stream(f"{EXAMPLE}:digits")
+    data = registry.STREAMS[f"{EXAMPLE}:digits"](TINY, 0)
+    import torch
+
+    data.train["digits_01"] = torch.utils.data.TensorDataset(torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="task 'digits_01', train split: a TensorDataset without .targets"):
+        data.check()
+    data.train["digits_01"] = registry.STREAMS[f"{EXAMPLE}:digits"](TINY, 0).train["digits_23"]
+    data.specs[0] = replace(data.specs[0], input_shape=(1, 7, 7))
+    with pytest.raises(ValueError, match=r"task 'digits_01', train split: inputs of shape \(1, 8, 8\)"):
+        data.check()
+
+
+def test_unknown_names_are_one_line_errors(capsys):
+    assert cli.main(["run", "--methods", "ties,nonsense", "--stream", "split_fmnist"]) == 1
+    assert "unknown methods ['nonsense']" in capsys.readouterr().err
+    assert cli.main(["run", "--stream", "nowhere:nothing"]) == 1
+    assert "cannot import nothing from nowhere" in capsys.readouterr().err
 
 
 @pytest.mark.slow
-def test_tiny_run_end_to_end_then_resume(tmp_path):
-    """A tiny real run (real data, real MiniLM experts, real folds) writes the tables and plots with their
-    provenance; a rerun with one more method reuses the experts and results already on disk."""
-    from dataclasses import replace
-
-    profile = replace(benchmark.PROFILES["quick"], name="tiny", steps=2, train_per_task=32, val_per_task=16,
-                      test_per_task=16, alphas=(1.0,), lams=(1.0,))
+def test_tiny_run_on_the_real_backbone_end_to_end_then_resume(tmp_path):
+    """Real data, the real MiniLM backbone, the experts trained through MMERPlugin, every merge through the fold:
+    tables and plots with their provenance; a rerun with one more method reuses what is on disk."""
+    profile = replace(TINY, steps=2, batch_size=4, train_per_task=8, val_per_task=8, test_per_task=8)
     out, cache = tmp_path / "results", tmp_path / "cache"
-    benchmark.run(profile, streams=["modality"], methods=["individual", "mmer_exact"], out=out, cache=cache, progress=False)
-    summary = (out / "modality_summary.csv").read_text()
-    assert summary.startswith("# command:") and "mmer_exact" in summary
-    assert (out / "modality_accuracy_matrices.png").exists() and (out / "SUMMARY.md").exists()
-    run_dir = cache / "tiny-seed0"
-    experts = sorted((run_dir / "modality" / "experts").glob("*/DONE"))
-    assert len(experts) == 3
-    stamps = {p: p.stat().st_mtime_ns for p in [*experts, run_dir / "modality" / "mmer_exact.json"]}
-    benchmark.run(profile, streams=["modality"], methods=["individual", "mmer_exact", "ties"], out=out, cache=cache,
-                  progress=False)
-    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
-    assert "ties" in (out / "modality_summary.csv").read_text()
+    loop.run(profile, streams=["split_fmnist"], methods=["individual", "mmer_compact"], out=out, cache=cache, progress=False)
+    summary = (out / "split_fmnist_summary.csv").read_text()
+    assert summary.startswith("# command:") and "mmer_compact" in summary
+    result = json.loads(next(cache.rglob("mmer_compact.json")).read_text())
+    assert len(result["matrix"]) == 5 and result["storage"]["masks"] > 0
+    stamp = next(cache.rglob("mmer_compact.json")).stat().st_mtime
+    loop.run(profile, streams=["split_fmnist"], methods=["individual", "mmer_compact", "ties"], out=out, cache=cache,
+             progress=False)
+    assert next(cache.rglob("mmer_compact.json")).stat().st_mtime == stamp
+    assert "ties" in (out / "split_fmnist_summary.csv").read_text()
+    shutil.rmtree(cache)

@@ -67,7 +67,9 @@ def test_lora_expert_trains_factors_and_private_modules_only_and_saves_a_peft_fo
     assert not any(name.startswith("model") for name in files)  # no dense copy of the backbone
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
-    sizes = models.lora_storage(tmp_path / "adapter")
+    weights = Checkpoint([tmp_path / "adapter" / "adapter_model.safetensors"])
+    sizes = {kind: sum(i.stop - i.start for n, i in weights.info.items() if (".lora_" in n) == (kind == "adapters"))
+             for kind in ("adapters", "private")}
     # 6 layers x (q, k, v, attention out: 384x384; intermediate 384->1536; output 1536->384), r = 4
     assert sizes["adapters"] == 4 * 6 * (4 * 4 * (384 + 384) + 2 * 4 * (384 + 1536))
     assert sizes["private"] == 4 * (384 * 10 + 10)  # the text task's head

@@ -476,6 +476,15 @@ def test_cli_errors_are_one_line_naming_the_culprit(models, folded, tmp_path, ca
     assert not (tmp_path / "s").exists()
 
 
+def test_an_os_error_without_a_path_says_where(folded, tmp_path, capsys, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")  # as a write() raises it: no file name
+
+    monkeypatch.setattr(decoupled, "export", full)
+    code, err = run_cli(capsys, "export", folded / "exact", "a", tmp_path / "out")
+    assert code == 1 and f"No space left on device (while writing {tmp_path / 'out'})" in one_line_error(err, "export")
+
+
 @pytest.mark.parametrize("where", ["before", "after"])
 def test_debug_before_or_after_the_subcommand_shows_the_traceback(models, tmp_path, where):
     a_file = tmp_path / "a_file"
@@ -491,9 +500,10 @@ def test_the_command_line_exits_1_with_one_line(tmp_path):
     a_file = tmp_path / "a_file"
     a_file.write_text("not a folder")
     result = subprocess.run([sys.executable, "-m", "mmer_cl.cli", "export", str(ROOT), "a", str(tmp_path / "x")],
-                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+                            capture_output=True, text=True, cwd=ROOT, timeout=300,
+                            check=False)
     assert result.returncode == 1 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert str(ROOT) in result.stderr
     result = subprocess.run([sys.executable, "-m", "mmer_cl.cli", "--debug", "export", str(ROOT), "a",
-                             str(tmp_path / "x")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+                             str(tmp_path / "x")], capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
     assert result.returncode == 1 and "Traceback" in result.stderr

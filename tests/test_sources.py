@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
 import transformers as T
 
 from mmer_cl import decoupled, merging
@@ -310,10 +311,15 @@ def test_a_layout_that_moves_model_and_lm_head_apart(tmp_path):
     with pytest.raises(CheckpointError, match=f"lacks {total} of the base's {total} tensors.*prefix_map"):
         detect_name_map(base, TensorCheckpoint(moved))  # no known layout
     assert detect_name_map(base, TensorCheckpoint(moved), rules) == rules
+    save_file({n: t.contiguous() for n, t in moved.items()}, tmp_path / "moved.safetensors")
+    (tmp_path / "moved").mkdir()
+    (tmp_path / "moved.safetensors").rename(tmp_path / "moved" / "model.safetensors")
     with pytest.raises(CheckpointError, match="'llm.body.layers.2.mlp.up_proj.weight'"):
-        open_source(moved, base, prefix_map=rules)
+        open_source(tmp_path / "moved", base, prefix_map=rules)
     with pytest.warns(UserWarning):
-        source = open_source(moved, base, prefix_map=rules, allow_extra=True)
+        source = open_source(tmp_path / "moved", base, prefix_map=rules, allow_extra=True)
+    # a state dict in memory is a model its caller assembled (MMERPlugin): what the base lacks is private
+    assert sorted(open_source(moved, base, prefix_map=rules).private_names) == sorted(source.private_names)
     assert sorted(source.private_names) == ["llm.body.layers.2.mlp.up_proj.weight", "vision.patch.weight"]
     assert extra_language_model_names(base, rules, source.private_names) == ["llm.body.layers.2.mlp.up_proj.weight"]
 

@@ -151,7 +151,7 @@ class ExpertReplay(SupervisedTemplate):
     """A strategy that trains nothing: on experience t it loads the weights `load(t)` returns (a model trained
     before, e.g. one SaveModels wrote), then its plugins see an ordinary training experience."""
 
-    def __init__(self, model: nn.Module, load: Callable[[int], dict], **kwargs):
+    def __init__(self, *, model: nn.Module, load: Callable[[int], dict], **kwargs):
         placeholder = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.0)  # never stepped
         super().__init__(model=model, optimizer=placeholder, train_epochs=1, **kwargs)
         self.load = load

@@ -55,9 +55,9 @@ def run(profile: Profile, streams=None, methods=None, seed: int = 0, out="result
         chosen = methods_for(data, profile, methods)
         if not chosen:
             raise ValueError(f"no method applies to stream '{name}'" + (f" among {methods}" if methods else ""))
-        streams_data[name], results[name] = data, {}
-        for method in tqdm(chosen, desc=f"{name}: methods", disable=not progress):
-            results[name][method] = bench.cached(data, method, lambda m=method: registry.METHODS[m].fn(bench, data))
+        streams_data[data.name], results[data.name] = data, {}
+        for method in tqdm(chosen, desc=f"{data.name}: methods", disable=not progress):
+            results[data.name][method] = bench.cached(data, method, lambda m=method: registry.METHODS[m].fn(bench, data))
     prov = report.provenance(command)
     tables.write_outputs(Path(out), prov, profile, results, streams_data, time.perf_counter() - start, bench)
     return results
@@ -65,6 +65,11 @@ def run(profile: Profile, streams=None, methods=None, seed: int = 0, out="result
 
 def cli_run(args) -> int:
     """`mmer-cl run`."""
+    import warnings
+
+    # Avalanche's own notices (deprecations inside its replay buffer, "no loggers"), not the user's concern
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message="No loggers specified")
     profile = PROFILES[args.profile]
     streams = None if args.stream is None else args.stream.split(",")
     methods = None if args.methods is None else args.methods.split(",")

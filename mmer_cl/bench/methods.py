@@ -119,7 +119,7 @@ def replay(data, models: Path, state_dir: Path, settings: dict, lam=1.0, evaluat
     shutil.rmtree(state_dir, ignore_errors=True)
     plugin = MMERPlugin(state_dir, lam=lam, shared=shared_of(data), infer_task=infer_task, **settings)
     evaluator = EvaluationPlugin(accuracy_metrics(experience=True), loggers=[])
-    strategy = ExpertReplay(new_model(data), lambda t: load_weights(models / str(t)), plugins=[plugin],
+    strategy = ExpertReplay(model=new_model(data), load=lambda t: load_weights(models / str(t)), plugins=[plugin],
                             evaluator=evaluator, eval_mb_size=128)
     bm = avalanche_stream(data.specs, data.train, data.test)
     R = nan_matrix(len(data.specs))

@@ -7,6 +7,7 @@ importing what defines them.
 """
 
 import importlib
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -73,19 +74,38 @@ def load_builtins() -> None:
 
 
 def resolve_stream(name: str) -> str:
-    """A stream's registered name; `module:function` imports the user's module and registers its function
-    under that name (or the function registers itself with @stream)."""
+    """A stream's registered name; `module:function` (a dotted module, found from the current folder too, or a
+    path to a .py file) imports the user's module, whose methods register themselves, and registers the
+    function under that name."""
     if name in STREAMS:
         return name
     if ":" not in name:
         raise ValueError(f"unknown stream {name!r}; known: {', '.join(sorted(STREAMS))}, or module:function")
-    module, _, function = name.partition(":")
+    module, _, function = name.rpartition(":")
     try:
-        fn = getattr(importlib.import_module(module), function)
-    except (ImportError, AttributeError) as error:
+        fn = getattr(_import(module), function)
+    except (ImportError, AttributeError, FileNotFoundError) as error:
         raise ValueError(f"stream {name!r}: cannot import {function} from {module} ({error})") from None
     STREAMS.setdefault(name, fn)
     return name
+
+
+def _import(module: str):
+    import sys
+    from pathlib import Path
+
+    if module.endswith(".py"):
+        path = Path(module).resolve()
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        if spec is None or not path.is_file():
+            raise FileNotFoundError(f"no such file {path}")
+        loaded = importlib.util.module_from_spec(spec)
+        sys.modules[path.stem] = loaded
+        spec.loader.exec_module(loaded)
+        return loaded
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    return importlib.import_module(module)
 
 
 def describe() -> str:
