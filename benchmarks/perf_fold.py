@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from mmer_cl.checkpoints import Checkpoint, ShardWriter
+from mmer_cl.checkpoints import Checkpoint, PlannedWriter
 
 SIZES = {  # LlamaConfig fields; parameter counts as printed
     "100M": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
@@ -61,7 +61,7 @@ def write_model(folder: Path, cfg: dict, dtype, seed: int, base: Path | None, sh
     folder.mkdir(parents=True)
     LlamaConfig(**cfg, architectures=["LlamaForCausalLM"], torch_dtype=str(dtype).removeprefix("torch.")).to_json_file(folder / "config.json")
     plan = [(n, dtype, s) for n, s in llama_tensors(cfg)]
-    writer = ShardWriter(folder, "model", shard_bytes, plan)
+    writer = PlannedWriter(folder, "model", shard_bytes, plan)
     generator = torch.Generator().manual_seed(seed)
     base_ckpt = Checkpoint(base) if base else None
     for name, _, shape in plan:
@@ -112,7 +112,7 @@ CHILD_FOLD = textwrap.dedent("""
 CHILD_SWITCH = textwrap.dedent("""
     import resource, sys, time, torch
     from mmer_cl.checkpoints import Checkpoint
-    from mmer_cl.fold import TaskSwitcher
+    from mmer_cl.decoupled import TaskSwitcher
     state, base = sys.argv[1:3]
     ckpt = Checkpoint(base)
     weights = {n: ckpt.read(n) for n in ckpt.names}

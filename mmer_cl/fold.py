@@ -675,14 +675,14 @@ class Rebuild:
             self.tau_star_writer.write(name, tau_star)
             for writer, p in zip(self.mask_writers, packed if packed is not None else []):
                 writer.write(name, p)
-        self.tau_star_sq += float(tau_star.double().square().sum())
+        self.tau_star_sq += float(torch.dot(tau_star, tau_star))
         if self.rule.rescale:
             self.abs_means += taus.abs().double().sum(dim=1) / max(numel, 1)
             self.masked_means += (masks * tau_star).abs().double().sum(dim=1) / max(numel, 1)
         if self.source is not None:
             new = taus[-1]
             self.new_nonzero = self.new_nonzero or bool(new.any())
-            self.new_sq += float(new.double().square().sum())
+            self.new_sq += float(torch.dot(new, new))
             self.mode.encode(self.vector_writer, name, start, stop, numel, new, thresholds[-1])
         bar.update(stop - start)
         if stop == numel:

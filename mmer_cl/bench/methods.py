@@ -358,10 +358,11 @@ def run_joint(run, data) -> Result:
     return Result(R, metrics.storage(base=base, private=private))
 
 
-@method("mmer_routed", applies=lambda data: len(data.specs) > 1)
+@method("mmer_routed", applies=lambda data: len(data.specs) > 1 and len({s.modality for s in data.specs}) == 1)
 def run_mmer_routed(run, data) -> Result:
     """MMER (exact, settings chosen as mmer_exact's) with no task label at test: each sample routed to the
-    task whose decoupled model is most certain (lowest predictive entropy); the routing confusion kept."""
+    task whose decoupled model is most certain (lowest predictive entropy); the routing confusion kept. For
+    streams of one modality (an input of another modality names its task by itself)."""
     models_dir, exact = models_and_state(run, data, "full")
     p = run.profile
     settings = dict(merge="ties", mask_rule="mmer", mode="exact")

@@ -22,6 +22,7 @@ BUILTIN_METHODS = {
     "mmer_exact": "MMER through MMERPlugin, exact state (every task vector kept)",
     "mmer_sparse": "MMER, sparse state (trimmed task vectors kept)",
     "mmer_compact": "MMER, compact state (tau_star and bit-packed masks only)",
+    "mmer_routed": "MMER without task labels at test: each sample routed by lowest predictive entropy",
     "mmer_controls": "MMER's masks against a random mask of the same density and a sign-agreement mask",
     "task_arithmetic": "theta0 + alpha * sum of task vectors",
     "ties": "TIES: trim, elect sign, disjoint mean",
@@ -38,6 +39,7 @@ BUILTIN_METHODS = {
     "lora": "one PEFT LoRA adapter per task on a frozen base",
     "mmer_lora": "MMER over the LoRA adapters (compact state)",
     "joint": "one model trained on all tasks at once (upper bound)",
+    "forgetting": "the forgetting scenario's own runner (stream forgetting)",
 }
 
 STREAMS: dict[str, Callable] = {}

@@ -7,6 +7,7 @@ Each `load_*(seed=0, ...)` returns `Splits(train, val, test, classes, info)`; ev
 from mmer_cl.data.common import (LabelledTensors, MissingDataError, Splits, TargetSubset, as_avalanche, cache_dir,
                                  subset)
 from mmer_cl.data.fashion_mnist import fashion_mnist_root, load_fashion_mnist
+from mmer_cl.data.hf import hf_benchmark, hf_stream
 from mmer_cl.data.spoken_words import SpokenWordsSettings, load_spoken_words
 from mmer_cl.data.wordnet import load_wordnet
 
@@ -22,5 +23,5 @@ def load(modality: str, seed: int = 0) -> Splits:
 
 
 __all__ = ["LOADERS", "LabelledTensors", "MissingDataError", "Splits", "SpokenWordsSettings", "TargetSubset",
-           "as_avalanche", "cache_dir", "fashion_mnist_root", "load", "load_fashion_mnist", "load_spoken_words",
-           "load_wordnet", "subset"]
+           "as_avalanche", "cache_dir", "fashion_mnist_root", "hf_benchmark", "hf_stream", "load",
+           "load_fashion_mnist", "load_spoken_words", "load_wordnet", "subset"]
