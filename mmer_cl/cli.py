@@ -46,14 +46,23 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    class Sub:
-        @staticmethod
-        def add_parser(name, **kwargs):
-            return subparsers.add_parser(name, parents=[common], **kwargs)
+    def add(name, run, **kwargs):
+        sub = subparsers.add_parser(name, parents=[common], **kwargs)
+        sub.set_defaults(run=run)
+        return sub
 
-    sub = Sub()
+    _state_commands(add)
+    _train_expert_command(add("train-expert", lambda args: importlib.import_module("mmer_cl.experts").cli_train_expert(args),
+                              help="fine-tune one modality's expert from the pretrained backbone"))
+    _run_command(add("run", lambda args: importlib.import_module("mmer_cl.bench.loop").cli_run(args),
+                     help="run (or resume) the continual-learning benchmark",
+                     description=registry.describe() + "\n\n" + profiles.describe(),
+                     formatter_class=argparse.RawDescriptionHelpFormatter))
+    return parser
 
-    p = sub.add_parser("fold", help="fold a fine-tuned model folder or PEFT LoRA adapter into a state")
+
+def _state_commands(add) -> None:
+    p = add("fold", _fold, help="fold a fine-tuned model folder or PEFT LoRA adapter into a state")
     p.add_argument("state", help="state folder (created by the first fold)")
     p.add_argument("finetuned", help="transformers folder or PEFT LoRA adapter folder")
     p.add_argument("--task", required=True, help="name of the new task")
@@ -64,37 +73,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-extra", action="store_true",
                    help="keep language-model tensors the base lacks (an extra layer) as private parameters")
     _settings(p, fold=True)
-    p.set_defaults(run=_fold)
-
-    p = sub.add_parser("refit", help="recompute tau_star and every mask with new settings (exact and sparse states)")
+    p = add("refit", _refit, help="recompute tau_star and every mask with new settings (exact and sparse states)")
     p.add_argument("state")
     p.add_argument("--lam", type=float, help="every task's mask parameter")
     _settings(p, fold=False)
-    p.set_defaults(run=_refit)
-
-    p = sub.add_parser("remove", help="drop a task from a state and refresh the other masks")
+    p = add("remove", _remove, help="drop a task from a state and refresh the other masks")
     p.add_argument("state")
     p.add_argument("task")
-    p.set_defaults(run=_remove)
-
-    p = sub.add_parser("export", help="write one task's decoupled model as a transformers folder")
+    p = add("export", _export, help="write one task's decoupled model as a transformers folder")
     p.add_argument("state")
     p.add_argument("task")
     p.add_argument("out")
     p.add_argument("--force", action="store_true", help="replace `out` if it exists")
-    p.set_defaults(run=_export)
-
-    p = sub.add_parser("rebase", help="re-point a state to a moved copy of its base (same content, checked)")
+    p = add("rebase", _rebase, help="re-point a state to a moved copy of its base (same content, checked)")
     p.add_argument("state")
     p.add_argument("base", help="the base's new place: a transformers folder with the recorded content")
-    p.set_defaults(run=_rebase)
-
-    p = sub.add_parser("inspect", help="tasks, settings, mask densities and storage of a state")
+    p = add("inspect", _inspect, help="tasks, settings, mask densities and storage of a state")
     p.add_argument("state")
     p.add_argument("--json", action="store_true", help="print the whole report as JSON")
-    p.set_defaults(run=_inspect)
 
-    p = sub.add_parser("train-expert", help="fine-tune one modality's expert from the pretrained backbone")
+
+def _train_expert_command(p) -> None:
     p.add_argument("--modality", required=True, choices=("vision", "audio", "text"))
     p.add_argument("--mode", default="full", choices=("full", "lora"))
     p.add_argument("--steps", type=int, help="optimizer steps (default: one epoch)")
@@ -110,20 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-size", type=int, help="evaluate on seeded subsets of this many val/test examples")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--out", help="output folder (default experts/<modality>-<mode>-seed<seed>)")
-    p.set_defaults(run=lambda args: importlib.import_module("mmer_cl.experts").cli_train_expert(args))
 
-    p = sub.add_parser("run", help="run (or resume) the continual-learning benchmark",
-                       description=registry.describe() + "\n\n" + profiles.describe(),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def _run_command(p) -> None:
     p.add_argument("--profile", choices=sorted(profiles.PROFILES), default="default")
     p.add_argument("--stream", help="comma-separated streams: built-in names or module:function of your own "
-                                    "(default: the profile's)")
+                                    "(default: modality, split_fmnist, forgetting)")
     p.add_argument("--methods", help="comma-separated methods (default: every method that applies to each stream)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results", help="folder for tables and plots (default: results)")
     p.add_argument("--cache", help="where run folders live (default: $MMER_CL_CACHE or ~/.cache/mmer_cl/runs)")
-    p.set_defaults(run=lambda args: importlib.import_module("mmer_cl.bench.loop").cli_run(args))
-    return parser
 
 
 def _prefix_map(values):

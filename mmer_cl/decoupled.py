@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mmer_cl import fold, kernels, store
+from mmer_cl import fold, integrity, kernels, store
 from mmer_cl.checkpoints import Checkpoint, PlannedWriter
 from mmer_cl.sources import map_name
 from mmer_cl.store import StateError
@@ -20,7 +20,7 @@ from mmer_cl.store import StateError
 
 def open_base(state: store.State) -> Checkpoint:
     """The state's theta0, checked against the layout the manifest recorded (its content is checked by
-    fold.ContentCheck while it is read)."""
+    integrity.ContentCheck while it is read)."""
     return fold.recorded_base(state.manifest, state.dir)
 
 
@@ -50,7 +50,7 @@ def decoupled_state_dict(state_dir, task: str) -> dict[str, Tensor]:
     base's content checked against the recorded sha256 while it is read."""
     state = store.load(state_dir)
     base = open_base(state)
-    check = fold.ContentCheck(base, state.manifest["base"].get("sha256"))
+    check = integrity.ContentCheck(base, state.manifest["base"].get("sha256"))
     try:
         tensors = dict(decoupled_tensors(state, state.task(task), base))
     except BaseException:
@@ -79,7 +79,7 @@ def export(state_dir, task: str, out_dir, *, force: bool = False, progress: bool
         staging.mkdir(parents=True)
     except (FileExistsError, NotADirectoryError) as error:
         raise StateError(f"export target {out_dir}: cannot create {staging} ({error.strerror})") from None
-    check = fold.ContentCheck(base, state.manifest["base"].get("sha256"))
+    check = integrity.ContentCheck(base, state.manifest["base"].get("sha256"))
     try:
         _write_model(state, entry, base, staging, progress)
         check.result()
@@ -128,7 +128,7 @@ class TaskSwitcher:
     def __init__(self, model: torch.nn.Module, state_dir):
         self.state = store.load(state_dir)  # every file opened: later folds take nothing away from this switcher
         self.base = open_base(self.state)
-        fold.check_base(self.state.manifest, self.base)
+        integrity.check_base(self.state.manifest, self.base)
         self.tau_star = self.state.tau_star()
         self.tensors = model.state_dict(keep_vars=True)
         self.current: str | None = None

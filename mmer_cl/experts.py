@@ -120,29 +120,11 @@ def train_expert(task: str, modality: str, splits, *, mode: str = "full", steps:
 
     model.train()
     torch.manual_seed(seed)  # dropout masks
-    losses, step, stopped_by = [], 0, "steps" if steps is not None else "epochs"
     start = time.perf_counter()
-    with tqdm(total=total, desc=f"{task} ({mode})", unit="step", disable=not progress) as bar:
-        while step < total:
-            for batch in loader:
-                x, y = batch[0], torch.as_tensor(batch[1])
-                loss = nn.functional.cross_entropy(model(x, task=task), y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
-                optimizer.step()
-                scheduler.step()
-                losses.append(loss.item())
-                step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
-                if step >= total:
-                    break
-                if time_budget is not None and time.perf_counter() - start >= time_budget:
-                    stopped_by = "time_budget"
-                    break
-            if stopped_by == "time_budget":
-                break
+    losses, stopped_by = _fit(model, task, loader, optimizer, scheduler, total, time_budget,
+                              progress=f"{task} ({mode})" if progress else None)
+    stopped_by = stopped_by or ("steps" if steps is not None else "epochs")
+    step = len(losses)
     train_time = time.perf_counter() - start
     model.eval()
     tail = losses[-min(20, len(losses)):]
@@ -157,6 +139,30 @@ def train_expert(task: str, modality: str, splits, *, mode: str = "full", steps:
     if mode == "lora":
         info.update(lora_r=lora_r, lora_alpha=lora_alpha)
     return model, info
+
+
+def _fit(model, task: str, loader, optimizer, scheduler, total: int, time_budget: float | None, progress: str | None):
+    """`total` AdamW steps over the loader, epoch after epoch, gradient norm clipped; stops early once
+    `time_budget` seconds have passed. Returns (the loss of every step, "time_budget" or None)."""
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    losses, start = [], time.perf_counter()
+    with tqdm(total=total, desc=progress, unit="step", disable=progress is None) as bar:
+        while len(losses) < total:
+            for batch in loader:
+                loss = nn.functional.cross_entropy(model(batch[0], task=task), torch.as_tensor(batch[1]))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
+                optimizer.step()
+                scheduler.step()
+                losses.append(loss.item())
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                if len(losses) >= total:
+                    break
+                if time_budget is not None and time.perf_counter() - start >= time_budget:
+                    return losses, "time_budget"
+    return losses, None
 
 
 @torch.no_grad()

@@ -86,6 +86,10 @@ class MMERPlugin(SupervisedPlugin):
         if self.theta0 is None:
             self.theta0 = {n: params[n].detach().clone() for n in self.shared_names(model)}
             with store.lock(self.state_dir, create=True):
+                existing = store.read_manifest(self.state_dir)
+                if existing is not None:
+                    raise store.StateError(f"{self.state_dir} already holds an MMER state (tasks "
+                                           f"{[t['name'] for t in existing['tasks']]}); give MMERPlugin a new folder")
                 shutil.rmtree(self.state_dir / "theta0", ignore_errors=True)
                 checkpoints.save(self.state_dir / "theta0", self.theta0)
         else:

@@ -30,7 +30,7 @@ per file, through which an unlinked file stays readable, memory maps included), 
 when a fold committed between its reading the manifest and opening the files.
 
 Integrity by content, not only size. The manifest records the sha256 of every state file, and (from the
-first fold, fold.ContentCheck) of every weight file of the base. A fold, refit or remove hashes what it reads
+first fold, integrity.ContentCheck) of every weight file of the base. A fold, refit or remove hashes what it reads
 of the state and the base on a thread of its own while it works, through the descriptors it reads, and
 refuses to publish anything if a hash differs, naming the file; export and the task switcher check the base
 likewise, and the state whole (load). manifest.json is always standard JSON: `commit` refuses NaN and

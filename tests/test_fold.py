@@ -14,7 +14,7 @@ from transformers import (
 
 from mmer_cl import analysis, cli, decoupled
 from mmer_cl import fold as F
-from mmer_cl import merging, store
+from mmer_cl import merging, rebuild, store
 from mmer_cl.checkpoints import Checkpoint
 from test_checkpoints import TINY, _adapter, finetune, save, state_of, tiny_llama
 from test_store import snapshot
@@ -94,8 +94,8 @@ def test_global_trim_equals_the_in_memory_algebra(llamas, tmp_path):
 
 def test_chunks_and_threads_change_no_bit(llamas, tmp_path, monkeypatch):
     whole = fold_all(tmp_path / "whole", llamas, "sparse")
-    monkeypatch.setattr(F, "CHUNK_ELEMENTS", 48)  # every matrix in several chunks
-    monkeypatch.setattr(F, "WHOLE_THRESHOLD_ELEMENTS", 600)  # the larger ones trimmed by the streamed histogram
+    monkeypatch.setattr(rebuild, "CHUNK_ELEMENTS", 48)  # every matrix in several chunks
+    monkeypatch.setattr(rebuild, "WHOLE_THRESHOLD_ELEMENTS", 600)  # the larger ones trimmed by the streamed histogram
     chunked = fold_all(tmp_path / "chunked", llamas, "sparse", workers=2)
     assert chunked["files"] == whole["files"]
 

@@ -355,7 +355,7 @@ def test_a_stream_infers_audio_and_text_and_refuses_what_no_modality_fits():
     flat = datasets.Dataset.from_dict({"v": rng.random((40, 5), dtype=np.float32), "y": y})
     with pytest.raises(ValueError, match=r"stream 'f': cannot infer a modality for inputs of shape \(5,\)"):
         hf_stream("f", flat, "v", "y", n_experiences=1)(PROFILES["quick"], 0)
-    custom = hf_stream("f", flat, "v", "y", n_experiences=1, new_model=lambda: torch.nn.Linear(5, 2))
+    custom = hf_stream("f", flat, "v", "y", n_experiences=1, new_model=lambda specs: torch.nn.Linear(5, 2))
     assert custom(PROFILES["quick"], 0).check().specs[0].modality == "custom"
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmer_cl import decoupled, merging, store
+from mmer_cl import decoupled, merging, rebuild, store
 from mmer_cl import fold as F
 from test_checkpoints import finetune, save, state_of, tiny_llama
 from test_merging import f32, ref_disjoint_mean, ref_elect_sign, ref_mask, ref_threshold, ref_ties, ref_trim, sgn
@@ -283,8 +283,8 @@ def test_remove_equals_folding_without_the_task(llamas, tmp_path):
 def test_chunks_and_threads_change_no_draw(llamas, tmp_path, monkeypatch, merge, mask_rule, settings):
     lams = [0.4] * T if mask_rule == "random" else 1.0
     whole = fold_all(tmp_path / "whole", llamas, lams, merge=merge, mask_rule=mask_rule, mode="exact", **settings)
-    monkeypatch.setattr(F, "CHUNK_ELEMENTS", 48)
-    monkeypatch.setattr(F, "WHOLE_THRESHOLD_ELEMENTS", 600)
+    monkeypatch.setattr(rebuild, "CHUNK_ELEMENTS", 48)
+    monkeypatch.setattr(rebuild, "WHOLE_THRESHOLD_ELEMENTS", 600)
     chunked = fold_all(tmp_path / "chunked", llamas, lams, merge=merge, mask_rule=mask_rule, mode="exact", workers=2,
                        **settings)
     assert all(torch.equal(whole[t][n], chunked[t][n]) for t in NAMES for n in whole[t])

@@ -160,3 +160,12 @@ def test_the_example_runs_as_a_user_would(fmnist, capsys):
     assert "naive + MMERPlugin" in printed and "forgetting" in printed
     assert set(results) == {"naive", "naive + MMERPlugin"}
     assert abs(results["naive + MMERPlugin"]["forgetting"]) < 0.05  # with task labels MMER barely forgets
+
+
+def test_a_folder_that_already_holds_a_state_is_refused_and_left_alone(fmnist, tmp_path):
+    benchmark = split(fmnist, task_labels=True)
+    strategy_for(mlp(True), [MMERPlugin(tmp_path / "state")], epochs=1).train(benchmark.train_stream[0])
+    before = {p: p.read_bytes() for p in (tmp_path / "state").rglob("*") if p.is_file()}
+    with pytest.raises(store.StateError, match="already holds an MMER state.*exp000.*new folder"):
+        strategy_for(mlp(True), [MMERPlugin(tmp_path / "state")], epochs=1).train(benchmark.train_stream[0])
+    assert {p: p.read_bytes() for p in (tmp_path / "state").rglob("*") if p.is_file()} == before

@@ -39,7 +39,7 @@ def test_the_registry_example_registers_a_merge_and_a_mask_rule(tmp_path, monkey
 def test_the_plugin_example_on_split_fashion_mnist(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace = {}
-    exec(block("MMERPlugin("), namespace)
+    exec(block("strategy.train(experience)"), namespace)
     results = namespace["results"]
     assert results["StreamForgetting/eval_phase/test_stream"] < 0.05  # task labels route exactly
     assert (tmp_path / "state" / "manifest.json").is_file()

@@ -54,10 +54,21 @@ def grid_table(results: dict) -> pd.DataFrame:
         hyper = result.get("hyper") or {}
         for point in hyper.get("grid", []):
             params = {k: v for k, v in point.items() if not k.startswith("val")}
-            chosen = all(hyper["choice"].get(k) == v for k, v in params.items() if not isinstance(hyper["choice"].get(k), dict))
             rows.append({"method": name, "setting": ", ".join(f"{k}={v}" for k, v in params.items()),
-                         "val_acc": point["val_acc"], "chosen": chosen})
+                         "val_acc": point["val_acc"], "chosen": _chosen_for(hyper["choice"], params)})
     return pd.DataFrame(rows)
+
+
+def _chosen_for(choice: dict, params: dict) -> str:
+    """"all" when the grid point is the choice; the tasks that chose it when a value is chosen per task (a
+    {task: value} choice, as TALL's lam); "" otherwise."""
+    per_task = {k: v for k, v in choice.items() if isinstance(v, dict)}
+    if any(choice.get(k) != v for k, v in params.items() if k not in per_task):
+        return ""
+    if not per_task:
+        return "all"
+    tasks = [t for t in next(iter(per_task.values())) if all(per_task[k][t] == params[k] for k in per_task)]
+    return ", ".join(tasks)
 
 
 def mask_tables(controls: dict, tasks) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -136,7 +147,7 @@ def _stream_outputs(out: Path, prov: dict, name: str, results: dict, tasks) -> l
     if len(grids):
         table(grids, "grids", f"{name}: validation grids", note="Mean validation accuracy with every task merged; "
               "the test split is never used.", section=False)
-        sections.append(report.markdown_section(grids[grids["chosen"]], f"{name}: settings chosen on validation "
+        sections.append(report.markdown_section(grids[grids["chosen"] != ""], f"{name}: settings chosen on validation "
                                                 f"(full grids in {name}_grids.csv)"))
     if "mmer_controls" in results:
         masks, layers, overlap = mask_tables(results["mmer_controls"], tasks)

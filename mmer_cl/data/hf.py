@@ -22,10 +22,8 @@ sorted class order, as Avalanche's `nc_benchmark` makes them.
 read into memory as one tensor: this is for data sets that fit in RAM.
 """
 
-import inspect
 import math
 import re
-from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -399,68 +397,76 @@ def hf_stream(name, dataset, input_column, label_column, *, task_column=None, n_
     test_fraction); validation is carved from each task's train rows by the run's seed (stratified,
     disjoint); the profile's train/val/test_per_task, batch_size and steps (unless `steps`) are honoured.
     `modality` is inferred from the inputs when not given (see infer_modality) so the library's mini-MLLM
-    fits; or bring `new_model` (fn(specs) or fn() -> a module with forward(x, task=name)) and `shared`.
+    fits; or bring `new_model` (fn(specs) -> a module with forward(x, task=name)) and `shared`.
     `dataset` may also be a save_to_disk folder or a function returning the data, loaded on first use.
     """
     _how(task_column, n_experiences)
+    options = dict(name=name, dataset=dataset, input_column=input_column, label_column=label_column,
+                   task_column=task_column, n_experiences=n_experiences, modality=modality, train_split=train_split,
+                   test_split=test_split, test_fraction=test_fraction, input_shape=input_shape, custom=new_model is not None)
     cache = {}
 
-    def tasks():
-        if not cache:
-            data = _load(dataset)
-            train, test = _tables(data, input_column, label_column, task_column, train_split, test_split,
-                                  test_fraction, 0, input_shape, token_ids=True)
-            shape, dtype = tuple(train.inputs.shape[1:]), train.inputs.dtype
-            kind = modality or infer_modality(shape, dtype)
-            if kind is None:
-                if new_model is None:
-                    raise ValueError(f"stream '{name}': cannot infer a modality for inputs of shape {shape} "
-                                     f"{dtype} (the mini-MLLM takes [C, H, W] float images, [n_mels, frames] "
-                                     f"float audio features or [length] int64 token ids); reshape them "
-                                     f"(input_shape=...), or pass modality=... and new_model=...")
-                kind = "custom"
-            taken, found = set(), []
-            if task_column is not None:
-                for value in _task_order(train, test, task_column):
-                    rows = (_rows(train, value), _rows(test, value))
-                    found.append((_task_name(name, value, taken), rows, None))
-            else:
-                for i, group in enumerate(_class_groups(train, test, n_experiences)):
-                    rows = tuple(torch.nonzero(torch.isin(t.labels, torch.tensor(group))).flatten()
-                                 for t in (train, test))
-                    found.append((_task_name(name, i, taken), rows, group))
-            cache.update(train=train, test=test, modality=kind, shape=shape, dtype=dtype, found=found)
-        return cache
-
     def make(profile, seed):
-        from mmer_cl.bench.glue import TaskSpec
-        from mmer_cl.bench.streams import StreamData
-
-        c = tasks()
-        specs, sets = [], {"train": {}, "val": {}, "test": {}}
-        for task, (train_rows, test_rows), group in c["found"]:
-            parts = {}
-            for split, table, rows in (("train", c["train"], train_rows), ("test", c["test"], test_rows)):
-                labels = table.labels[rows]
-                if group is not None:
-                    labels = torch.searchsorted(torch.tensor(group), labels)
-                parts[split] = LabelledTensors(table.inputs[rows], labels, index=table.index[rows])
-            num_classes = len(group) if group is not None else int(max(parts["train"].targets.max(),
-                                                                        parts["test"].targets.max())) + 1
-            train_part, val_part = _split_val(parts["train"], val_fraction, seed, f"stream '{name}', task '{task}'")
-            sets["train"][task] = subset(train_part, profile.train_per_task, seed)
-            sets["val"][task] = subset(val_part, profile.val_per_task, seed)
-            sets["test"][task] = subset(parts["test"], profile.test_per_task, seed)
-            specs.append(TaskSpec(task, c["modality"], c["shape"], c["dtype"], num_classes))
-        extra = {} if shared is None else {"shared": shared}
-        model = None if new_model is None else _model_factory(new_model, specs)
-        return StreamData(name, specs, sets["train"], sets["val"], sets["test"],
-                          steps=int(steps if steps is not None else profile.steps),
-                          batch_size=profile.batch_size, new_model=model, **extra)
+        if not cache:
+            cache.update(_stream_tasks(**options))
+        return _stream_data(name, cache, profile, seed, val_fraction, steps, new_model, shared)
 
     make.__name__ = make.__qualname__ = f"hf_stream_{re.sub(r'[^0-9A-Za-z_]', '_', name)}"
     make.__doc__ = f"Stream '{name}' from a Hugging Face data set (mmer_cl.data.hf.hf_stream)."
     return make
+
+
+def _stream_tasks(name, dataset, input_column, label_column, task_column, n_experiences, modality, train_split,
+                  test_split, test_fraction, input_shape, custom: bool) -> dict:
+    """The data read once: train and test tables, the modality, and each task's rows (and class group)."""
+    train, test = _tables(_load(dataset), input_column, label_column, task_column, train_split, test_split,
+                          test_fraction, 0, input_shape, token_ids=True)
+    shape, dtype = tuple(train.inputs.shape[1:]), train.inputs.dtype
+    kind = modality or infer_modality(shape, dtype)
+    if kind is None:
+        if not custom:
+            raise ValueError(f"stream '{name}': cannot infer a modality for inputs of shape {shape} {dtype} (the "
+                             f"mini-MLLM takes [C, H, W] float images, [n_mels, frames] float audio features or "
+                             f"[length] int64 token ids); reshape them (input_shape=...), or pass modality=... and "
+                             f"new_model=...")
+        kind = "custom"
+    taken, found = set(), []
+    if task_column is not None:
+        for value in _task_order(train, test, task_column):
+            found.append((_task_name(name, value, taken), (_rows(train, value), _rows(test, value)), None))
+    else:
+        for i, group in enumerate(_class_groups(train, test, n_experiences)):
+            rows = tuple(torch.nonzero(torch.isin(t.labels, torch.tensor(group))).flatten() for t in (train, test))
+            found.append((_task_name(name, i, taken), rows, group))
+    return {"train": train, "test": test, "modality": kind, "shape": shape, "dtype": dtype, "found": found}
+
+
+def _stream_data(name, c: dict, profile, seed: int, val_fraction: float, steps, new_model, shared):
+    """One run's StreamData: per task, labels remapped within a class group, validation carved from train by
+    the seed, the profile's sizes."""
+    from mmer_cl.bench.glue import TaskSpec
+    from mmer_cl.bench.streams import StreamData
+
+    specs, sets = [], {"train": {}, "val": {}, "test": {}}
+    for task, (train_rows, test_rows), group in c["found"]:
+        parts = {}
+        for split, table, rows in (("train", c["train"], train_rows), ("test", c["test"], test_rows)):
+            labels = table.labels[rows]
+            if group is not None:
+                labels = torch.searchsorted(torch.tensor(group), labels)
+            parts[split] = LabelledTensors(table.inputs[rows], labels, index=table.index[rows])
+        num_classes = len(group) if group is not None else int(max(parts["train"].targets.max(),
+                                                                    parts["test"].targets.max())) + 1
+        train_part, val_part = _split_val(parts["train"], val_fraction, seed, f"stream '{name}', task '{task}'")
+        sets["train"][task] = subset(train_part, profile.train_per_task, seed)
+        sets["val"][task] = subset(val_part, profile.val_per_task, seed)
+        sets["test"][task] = subset(parts["test"], profile.test_per_task, seed)
+        specs.append(TaskSpec(task, c["modality"], c["shape"], c["dtype"], num_classes))
+    extra = {} if shared is None else {"shared": shared}
+    model = None if new_model is None else (lambda: new_model(list(specs)))
+    return StreamData(name, specs, sets["train"], sets["val"], sets["test"],
+                      steps=int(steps if steps is not None else profile.steps), batch_size=profile.batch_size,
+                      new_model=model, **extra)
 
 
 def _split_val(train: LabelledTensors, fraction: float, seed: int, where: str):
@@ -473,12 +479,3 @@ def _split_val(train: LabelledTensors, fraction: float, seed: int, where: str):
     keep = torch.ones(len(train), dtype=torch.bool)
     keep[val] = False
     return train.select(torch.nonzero(keep).flatten()), train.select(val)
-
-
-def _model_factory(new_model: Callable, specs: Sequence) -> Callable:
-    try:
-        takes_specs = any(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-                          for p in inspect.signature(new_model).parameters.values())
-    except (TypeError, ValueError):
-        takes_specs = False
-    return (lambda: new_model(list(specs))) if takes_specs else new_model
