@@ -41,6 +41,7 @@ def run(profile: Profile, streams=None, methods=None, seed: int = 0, out="result
         command: str | None = None, progress: bool = True) -> dict:
     """Runs (or resumes) the methods on every stream and writes the tables and plots to `out`; returns
     {stream: {method: result}}."""
+    prov = report.provenance(command)  # the code as the run starts
     registry.load_builtins()
     names = [registry.resolve_stream(name) for name in (streams or DEFAULT_STREAMS)]
     torch.manual_seed(seed)
@@ -58,7 +59,6 @@ def run(profile: Profile, streams=None, methods=None, seed: int = 0, out="result
         streams_data[data.name], results[data.name] = data, {}
         for method in tqdm(chosen, desc=f"{data.name}: methods", disable=not progress):
             results[data.name][method] = bench.cached(data, method, lambda m=method: registry.METHODS[m].fn(bench, data))
-    prov = report.provenance(command)
     tables.write_outputs(Path(out), prov, profile, results, streams_data, time.perf_counter() - start, bench)
     return results
 
