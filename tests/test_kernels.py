@@ -43,8 +43,9 @@ def test_mmer_packed_refuses_a_wrong_number_of_thresholds():
         kernels.mmer_packed(torch.zeros(3, 10), 1.0, [1.0] * 3, [0.0, 0.0])
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64, torch.float16])
-def test_decouple_into_is_decouple_bit_for_bit(dtype):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("scale", [1.0, 0.3])
+def test_decouple_into_is_decouple_bit_for_bit(dtype, scale):
     generator = torch.Generator().manual_seed(0)
     theta0 = (torch.randn(N, generator=generator) * 0.02).to(dtype)
     tau_star = torch.randn(N, generator=generator) * 0.002
@@ -54,8 +55,23 @@ def test_decouple_into_is_decouple_bit_for_bit(dtype):
     theta0[64:96] = 1.0
     mask = torch.rand(N, generator=generator) < 0.5
     out = torch.full((N,), 7.0, dtype=dtype)
-    kernels.decouple_into(out, theta0, tau_star, merging.pack_mask(mask))
-    assert same_bits(out, merging.decouple(theta0, mask, tau_star))
+    kernels.decouple_into(out, theta0, tau_star, merging.pack_mask(mask), scale)
+    assert same_bits(out, merging.decouple(theta0, mask, tau_star, scale))
+
+
+def test_decouple_without_a_mask_is_theta0_plus_the_scaled_tau_star():
+    """An all-ones mask (a merge with mask rule none), entry by entry in Python floats; float16, which no
+    kernel covers, too."""
+    import struct
+
+    for dtype, rounding in ((torch.float32, "f"), (torch.float16, "e")):
+        theta0, tau_star = torch.randn(37).to(dtype), torch.randn(37) * 1e-2
+        out = torch.empty(37, dtype=dtype)
+        kernels.decouple_into(out, theta0, tau_star, None, 0.5)
+        f32 = lambda v: struct.unpack("<f", struct.pack("<f", v))[0]  # noqa: E731
+        want = [struct.unpack("<" + rounding, struct.pack("<" + rounding, f32(float(t) + f32(f32(s) * 0.5))))[0]
+                for t, s in zip(theta0.float(), tau_star)]
+        assert out.float().tolist() == want
 
 
 def test_decouple_into_writes_a_non_contiguous_target_too():
@@ -68,7 +84,7 @@ def test_decouple_into_writes_a_non_contiguous_target_too():
         kernels.decouple_into(torch.zeros(30), theta0, tau_star, torch.zeros(3, dtype=torch.uint8))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
 def test_task_vector_is_merging_task_vector(dtype):
     generator = torch.Generator().manual_seed(1)
     base = torch.randn(N, generator=generator).to(dtype)

@@ -46,7 +46,7 @@ def models(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("mode", ["exact", "compact"])
+@pytest.mark.parametrize("mode", ["exact", "sparse", "compact"])
 def test_fold_killed_anywhere_leaves_previous_state_and_reruns(models, tmp_path, mode):
     first = tmp_path / "first"
     F.fold(first, models / "ft1", "first", base=models / "base", mode=mode, progress=False)

@@ -171,10 +171,12 @@ def merging_method(run, data, name: str, settings: dict, grid: list[dict], *, mo
     state_dir = run.dir / data.name / f"state-{name}"
     R, plugin = replay(data, models_dir, state_dir, {**settings, **point}, lam=lam)
     state = store.load(state_dir)
-    return Result(R, state_storage(state_dir), {
+    result = Result(R, state_storage(state_dir), {
         "hyper": chosen, "settings": state.manifest["settings"], "lam": [t["lam"] for t in state.tasks],
         "fold_seconds": plugin.fold_seconds,
         "reconstruction_error": analysis.reconstruction_errors(state, store.load(exact))})
+    shutil.rmtree(state_dir)  # measured: a run keeps its experts, not every method's state (GBs each)
+    return result
 
 
 def models_and_state(run, data, kind: str) -> tuple[Path, Path]:
@@ -370,11 +372,13 @@ def run_mmer_routed(run, data) -> Result:
     lam = point.pop("lam", 1.0)
     state_dir = run.dir / data.name / "state-mmer_routed"
     R, plugin = replay(data, models_dir, state_dir, {**settings, **point}, lam=lam, infer_task=True)
+    storage = state_storage(state_dir)
+    shutil.rmtree(state_dir)
     confusion = [[0] * len(data.specs) for _ in data.specs]
     for entry in plugin.routing[-len(data.specs):]:  # the evaluation after the last experience
         for name, count in zip(entry["candidates"], entry["chosen"]):
             confusion[entry["experience"]][int(name[3:])] += count
-    return Result(R, state_storage(state_dir), {"routing_confusion": confusion})
+    return Result(R, storage, {"routing_confusion": confusion})
 
 
 @method("forgetting", applies=lambda data: "forgetting" in (data.methods or ()))
