@@ -2,9 +2,11 @@
 
     python examples/avalanche_plugin.py                      # task-incremental, MTSimpleMLP
     python examples/avalanche_plugin.py --class-incremental  # one 10-way head, no task labels at test
+    python examples/avalanche_plugin.py --class-incremental --router entropy  # the baseline router
 
 Fashion-MNIST is read offline (Debian's dataset-fashion-mnist, unpacked once for torchvision). Prints
-Avalanche's own final accuracy and forgetting for Naive and for Naive + MMERPlugin.
+Avalanche's own final accuracy and forgetting for Naive and for Naive + MMERPlugin, and, without task labels,
+how often the router sent a test sample to its own experience's weights.
 """
 
 import argparse
@@ -19,6 +21,7 @@ from avalanche.training.plugins import EvaluationPlugin
 
 from mmer_cl import MMERPlugin
 from mmer_cl.data import fashion_mnist_root
+from mmer_cl.routing import GaussianRouter, entropy_router
 
 
 def run(benchmark, model, plugins, epochs: int, seed: int) -> dict:
@@ -40,6 +43,8 @@ def main(argv=None, benchmark=None) -> dict:
     parser.add_argument("--class-incremental", action="store_true")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--router", choices=["gaussian", "entropy"], default="gaussian",
+                        help="without task labels: class-conditional Gaussians in theta0's features, or lowest entropy")
     args = parser.parse_args(argv)
     task_labels = not args.class_incremental
     benchmark = benchmark or SplitFMNIST(n_experiences=5, return_task_id=task_labels, seed=args.seed,
@@ -51,7 +56,9 @@ def main(argv=None, benchmark=None) -> dict:
 
     out = {}
     with tempfile.TemporaryDirectory() as folder:
-        for name, plugins in (("naive", []), ("naive + MMERPlugin", [MMERPlugin(f"{folder}/state")])):
+        router = GaussianRouter() if args.router == "gaussian" else entropy_router
+        plugin = MMERPlugin(f"{folder}/state", router=router)
+        for name, plugins in (("naive", []), ("naive + MMERPlugin", [plugin])):
             results = run(benchmark, new_model(), plugins, args.epochs, args.seed)
             stream_accuracy = next(k for k in results if k.startswith("Top1_Acc_Stream/eval_phase/test_stream"))
             out[name] = {"accuracy": results[stream_accuracy],
@@ -59,6 +66,10 @@ def main(argv=None, benchmark=None) -> dict:
                          "bwt": results["StreamBWT/eval_phase/test_stream"]}
             print(f"{name:<20} accuracy {out[name]['accuracy']:.3f}  forgetting {out[name]['forgetting']:.3f}  "
                   f"BWT {out[name]['bwt']:.3f}")
+        if plugin.routing:
+            final = plugin.routing[-len(benchmark.test_stream):]  # the evaluation after the last experience
+            out["routing_accuracy"] = sum(e["chosen"][e["experience"]] for e in final) / sum(sum(e["chosen"]) for e in final)
+            print(f"routing ({args.router}): {out['routing_accuracy']:.3f} of the test samples on their own weights")
     return out
 
 

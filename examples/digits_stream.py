@@ -18,15 +18,19 @@ from mmer_cl.data import LabelledTensors, subset
 
 
 class DigitsModel(nn.Module):
-    """backbone (shared by every task) -> the task's head; forward(x, task) as the benchmark calls it."""
+    """backbone (shared by every task) -> the task's head; forward(x, task) as the benchmark calls it, and
+    features(x, task), what the label-free router (mmer_routed) compares."""
 
     def __init__(self, tasks):
         super().__init__()
         self.backbone = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 32), nn.Tanh())
         self.heads = nn.ModuleDict({task: nn.Linear(32, 2) for task in tasks})
 
+    def features(self, x, task):
+        return self.backbone(x)
+
     def forward(self, x, task):
-        return self.heads[task](self.backbone(x))
+        return self.heads[task](self.features(x, task))
 
 
 @stream("digits")

@@ -116,7 +116,7 @@ def _run_command(p) -> None:
     p.add_argument("--stream", help="comma-separated streams: built-in names or module:function of your own "
                                     "(default: modality, split_fmnist, forgetting)")
     p.add_argument("--methods", help="comma-separated methods (default: every method that applies to each stream)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="one seed (default: every seed of the profile)")
     p.add_argument("--out", default="results", help="folder for tables and plots (default: results)")
     p.add_argument("--cache", help="where run folders live (default: $MMER_CL_CACHE or ~/.cache/mmer_cl/runs)")
 

@@ -75,7 +75,7 @@ def summarize(matrix, expert_accuracy=None) -> dict:
 
 # ---- storage ----------------------------------------------------------------------------------------
 
-STORAGE_COMPONENTS = ("base", "shared_vectors", "masks", "adapters", "private", "buffer")
+STORAGE_COMPONENTS = ("base", "shared_vectors", "masks", "adapters", "private", "buffer", "router")
 
 
 def nbytes(*kept) -> int:
@@ -102,7 +102,8 @@ def nbytes(*kept) -> int:
 
 
 def storage(**components: int) -> dict:
-    """Bytes by component (SPEC: base, shared vectors, masks, adapters, private; and a replay buffer), plus total."""
+    """Bytes by component (SPEC: base, shared vectors, masks, adapters, private; a replay buffer; a router's
+    statistics), plus total."""
     unknown = set(components) - set(STORAGE_COMPONENTS)
     if unknown:
         raise ValueError(f"unknown storage components {sorted(unknown)}; known: {STORAGE_COMPONENTS}")

@@ -15,9 +15,11 @@ What the plugin does around the strategy's own training (which every metric, log
   parameters; whatever else the experience changed is that task's private parameters), with fresh masks for
   every task (fold.fold); the model is left on the new task's decoupled weights;
 - before each evaluation experience the model carries that experience's decoupled weights, theta0 +
-  r_t * m_t * tau_star: by task label when one folded task has that label; per sample, by a router over the
-  folded tasks' outputs, when several share the label (class-incremental streams) or with `infer_task`;
-  theta0 for a label no task has yet. The weights from before the evaluation are restored after it.
+  r_t * m_t * tau_star: by task label when one folded task has that label; per sample, by a router
+  (mmer_cl.routing), when several share the label (class-incremental streams) or with `infer_task`; theta0
+  for a label no task has yet. The weights from before the evaluation are restored after it.
+- a feature router (routing.GaussianRouter) is fitted after each training experience on a support set of it,
+  in theta0's features, and saved in `<state>/router`.
 """
 
 import dataclasses
@@ -31,19 +33,9 @@ from avalanche.models import MultiHeadClassifier, avalanche_forward
 from torch import Tensor
 
 from mmer_cl import checkpoints, decoupled, fold, store
+from mmer_cl.routing import GaussianRouter
 
 MASKED_LOGIT = -1e4
-
-
-def predictive_entropy(logits: Tensor) -> Tensor:
-    """H(p) = -sum_c p_c log p_c of softmax(logits), per row."""
-    logp = torch.log_softmax(logits.float(), dim=1)
-    return -(logp.exp() * logp).sum(dim=1)
-
-
-def entropy_router(outputs: list[Tensor]) -> Tensor:
-    """Per sample, the candidate whose decoupled model is most certain: argmin_c H(softmax(logits_c))."""
-    return torch.stack([predictive_entropy(logits) for logits in outputs]).argmin(dim=0)
 
 
 class MMERPlugin(SupervisedPlugin):
@@ -54,15 +46,21 @@ class MMERPlugin(SupervisedPlugin):
     (fold.Settings); lam may be {task: lam}, tasks named exp000, exp001 ... by experience.
     shared: name -> bool, which parameters are shared (default: see the module docstring).
     infer_task: route every evaluation sample among all folded tasks, ignoring task labels.
-    router: outputs [C][B, classes] -> chosen candidate [B] (default: lowest predictive entropy).
+    router: how a sample without a telling task label picks its task: a feature router with fit(task, features,
+    targets), route(features, tasks), features(model, x, task_label) and support (default: routing.GaussianRouter(),
+    fitted at theta0 with the first task's label), or a function outputs [C][B, classes] -> chosen candidate [B]
+    (routing.entropy_router). A feature router that cannot be fitted (say, no classifier to take features
+    from) stops the run only when a sample needs routing.
     """
 
     def __init__(self, state_dir, mode: str = "compact", k: float = 0.2, alpha: float = 1.0, lam=1.0, *,
-                 shared=None, infer_task: bool = False, router=entropy_router, progress: bool = False, **settings):
+                 shared=None, infer_task: bool = False, router=None, progress: bool = False, **settings):
         super().__init__()
         self.state_dir = Path(state_dir)
         self.settings = fold.Settings(mode=mode, k=k, alpha=alpha, **settings).check()
-        self.lam, self.shared, self.infer_task, self.router, self.progress = lam, shared, infer_task, router, progress
+        self.lam, self.shared, self.infer_task, self.progress = lam, shared, infer_task, progress
+        self.router = GaussianRouter() if router is None else router
+        self._router_error: Exception | None = None
         self.theta0: dict[str, Tensor] | None = None
         self.tasks: list[dict] = []  # per folded task: name, task label, experience
         self.fold_seconds: dict[str, float] = {}
@@ -126,7 +124,35 @@ class MMERPlugin(SupervisedPlugin):
         self.fold_seconds[task["name"]] = time.perf_counter() - start
         self.tasks.append(task)
         self._switcher = decoupled.TaskSwitcher(model, self.state_dir)
+        if hasattr(self.router, "fit") and self._router_error is None:
+            try:
+                self._fit_router(strategy, task["name"])
+            except ValueError as error:  # raised when a sample needs routing, if one ever does
+                self._router_error = error
         self._switcher.switch(task["name"])
+
+    def _theta0_features(self, strategy, batches) -> list[Tensor]:
+        """The feature router's features of each batch, at theta0 with the first task's private parameters, in
+        eval mode (no dropout: the support set after training and the test samples see the same function)."""
+        model, training = strategy.model, strategy.model.training
+        self._switcher.switch(self.tasks[0]["name"])
+        self._switcher.to_base()
+        model.eval()
+        try:
+            return [self.router.features(model, batch[0].to(strategy.device), self.tasks[0]["label"])
+                    for batch in batches]
+        finally:
+            model.train(training)
+
+    def _fit_router(self, strategy, task: str) -> None:
+        dataset = strategy.experience.dataset.eval()
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[: self.router.support]
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, order.tolist()),
+                                             batch_size=strategy.eval_mb_size)
+        batches = list(loader)
+        features = self._theta0_features(strategy, batches)
+        self.router.fit(task, torch.cat(features), torch.cat([torch.as_tensor(b[1]) for b in batches]))
+        self.router.save(self.state_dir / "router")
 
     # ---- evaluation ----------------------------------------------------------------------------------
 
@@ -154,7 +180,13 @@ class MMERPlugin(SupervisedPlugin):
         elif len(candidates) == 1:
             self._switcher.switch(candidates[0]["name"])
         else:
+            if self._router_error is not None:
+                raise ValueError(f"experience {strategy.experience.current_experience} needs routing among "
+                                 f"{[t['name'] for t in candidates]}, and the router could not be fitted: "
+                                 f"{self._router_error}") from self._router_error
             self._routed = self._outputs(strategy, candidates)
+            if hasattr(self.router, "fit"):
+                self._features = self._theta0_features(strategy, strategy.dataloader)
             self._routed_candidates, self._batch = candidates, 0
             self.routing.append({"experience": int(strategy.experience.current_experience),
                                  "candidates": [t["name"] for t in candidates], "chosen": [0] * len(candidates)})
@@ -180,7 +212,10 @@ class MMERPlugin(SupervisedPlugin):
         self._batch += 1
         width = max(o.shape[1] for o in outputs)
         outputs = [torch.nn.functional.pad(o, (0, width - o.shape[1]), value=MASKED_LOGIT) for o in outputs]
-        choice = self.router(outputs)
+        if hasattr(self.router, "fit"):
+            choice = self.router.route(self._features[self._batch - 1], [t["name"] for t in self._routed_candidates])
+        else:
+            choice = self.router(outputs)
         strategy.mb_output = torch.stack(outputs)[choice, torch.arange(len(choice))]
         counts = self.routing[-1]["chosen"]
         for c in choice.tolist():

@@ -121,3 +121,28 @@ def test_tiny_run_on_the_real_backbone_end_to_end_then_resume(tmp_path):
     assert next(cache.rglob("mmer_compact.json")).stat().st_mtime == stamp
     assert "ties" in (out / "split_fmnist_summary.csv").read_text()
     shutil.rmtree(cache)
+
+
+def test_two_seeds_give_intervals_paired_scores_and_label_free_routing(tmp_path):
+    """On the user's digits stream: per-sample scores that add up to Avalanche's accuracies, MMER paired with
+    each method on the same examples, the spread over two seeds, and the Gaussian router's confusion."""
+    import numpy as np
+    import pandas as pd
+
+    registry.resolve_stream(f"{EXAMPLE}:digits")
+    profile = replace(TINY, seeds=(0, 1))
+    out = tmp_path / "results"
+    results = loop.run(profile, streams=[f"{EXAMPLE}:digits"], methods=["mmer_exact", "ties", "mmer_routed", "naive"],
+                       out=out, cache=tmp_path / "cache", progress=False)["digits"]
+    for name, result in results.items():  # the paired scores are the very samples Avalanche's accuracy counted
+        assert np.allclose([np.mean(c) for c in result["correct"]], result["matrix"][-1]), name
+    paired = pd.read_csv(out / "digits_paired.csv", comment="#")
+    assert set(paired["method"]) == {"ties", "mmer_routed", "naive"}
+    assert all((paired["lo"] <= paired["diff"]) & (paired["diff"] <= paired["hi"]))
+    assert all(v.startswith("mmer_exact ") for v in paired["verdict"])
+    seeds = pd.read_csv(out / "digits_seeds.csv", comment="#")
+    assert list(seeds["seeds"]) == [2] * 4 and all(seeds["lo"] <= seeds["final_avg_acc"])
+    routed = results["mmer_routed"]
+    sizes = [len(c) for c in routed["correct"]]
+    assert [sum(row) for row in routed["routing_confusion"]] == sizes and routed["storage"]["router"] > 0
+    assert "seeds: [0, 1]" in (out / "SUMMARY.md").read_text()

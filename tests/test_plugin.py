@@ -66,8 +66,8 @@ def test_the_plugin_forgets_far_less_than_naive_on_the_same_stream(fmnist, tmp_p
     plugin = MMERPlugin(tmp_path / "state")
     _, mmer = run(benchmark, mlp(task_labels), [plugin])
     assert naive[FORGETTING] > 0.1
-    # task labels route exactly; without them the entropy router's mistakes are what is forgotten
-    assert mmer[FORGETTING] < (0.2 if task_labels else 0.8) * naive[FORGETTING]
+    # task labels route exactly; without them the Gaussian router's mistakes are what is forgotten
+    assert mmer[FORGETTING] < (0.2 if task_labels else 0.4) * naive[FORGETTING]
     state = store.load(tmp_path / "state")
     assert [t["name"] for t in state.tasks] == [f"exp{i:03d}" for i in range(5)]
     assert state.manifest["settings"]["mode"] == "compact"
@@ -76,6 +76,9 @@ def test_the_plugin_forgets_far_less_than_naive_on_the_same_stream(fmnist, tmp_p
         assert not any(n.startswith("classifier.") for n in Checkpoint(tmp_path / "state" / "theta0").names)
     else:
         assert len(plugin.routing) == 5 * 5 - 5 and sum(plugin.routing[-1]["chosen"]) == 200
+        final = plugin.routing[-5:]
+        assert sum(e["chosen"][e["experience"]] for e in final) / 1000 > 0.65  # 0.74 measured; entropy: 0.46
+        assert sorted(Checkpoint(tmp_path / "state" / "router").names)[:2] == ["exp000/0/count", "exp000/0/sum"]
 
 
 class Probe(SupervisedPlugin):

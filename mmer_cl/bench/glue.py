@@ -7,8 +7,8 @@ input (an image, log-mel features, token ids):
   different modalities batch together (Avalanche's replay concatenates buffer and current data);
 - `TaskRouter`, a MultiTaskModule, unpacks the inputs of task label t and runs `model(x, task=name_t)`,
   logits padded to a common width with -1e4 so that argmax and cross-entropy ignore absent classes.
-Two strategy pieces: `FineTuning`, the experts' recipe (experts.py: warm-up then linear decay, gradient
-norm clipped) as a plugin, and `ExpertReplay`, a strategy whose "training" on experience t loads a model
+Three strategy pieces: `FineTuning`, the experts' recipe (experts.py: warm-up then linear decay, gradient
+norm clipped) as a plugin, `SampleCorrectness`, which keeps per-sample right/wrong, and `ExpertReplay`, a strategy whose "training" on experience t loads a model
 trained before (an expert saved by `SaveModels`), so that every merging method runs as an Avalanche
 strategy with MMERPlugin on the same experts.
 """
@@ -75,10 +75,18 @@ class TaskRouter(MultiTaskModule):
         self.num_outputs = max(spec.num_classes for spec in self.specs)
         self.max_class_label = self.num_outputs
 
-    def forward_single_task(self, x: Tensor, task_label: int) -> Tensor:
+    def unpack(self, x: Tensor, task_label: int) -> Tensor:
         spec = self.specs[task_label]
-        inputs = x[:, : spec.numel].reshape(len(x), *spec.input_shape).to(spec.input_dtype)
-        logits = self.model(inputs, task=spec.name)
+        return x[:, : spec.numel].reshape(len(x), *spec.input_shape).to(spec.input_dtype)
+
+    def features(self, x: Tensor, task_label: int) -> Tensor:
+        """The model's features of x read as task `task_label`'s input (the MiniMLLM's pooled hidden states)."""
+        if not callable(getattr(type(self.model), "features", None)):
+            raise ValueError(f"{type(self.model).__name__} has no features(x, task) method to route by")
+        return self.model.features(self.unpack(x, task_label), task=self.specs[task_label].name)
+
+    def forward_single_task(self, x: Tensor, task_label: int) -> Tensor:
+        logits = self.model(self.unpack(x, task_label), task=self.specs[task_label].name)
         return nn.functional.pad(logits, (0, self.num_outputs - logits.shape[1]), value=MASKED_LOGIT)
 
     def forward(self, x: Tensor, task_labels) -> Tensor:
@@ -145,6 +153,23 @@ class SaveModels(SupervisedPlugin):
     def after_training_exp(self, strategy, **kwargs):
         target = self.folder / str(strategy.experience.current_experience)
         checkpoints.save(target, {n: t.detach().clone() for n, t in strategy.model.state_dict().items()})
+
+
+class SampleCorrectness(SupervisedPlugin):
+    """Whether each test sample was answered right, per evaluation experience, in the latest evaluation:
+    the paired scores behind stats.paired_bootstrap. Read after Avalanche's accuracy (and after any plugin
+    that replaces the outputs, as MMERPlugin does when it routes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.correct: dict[int, list[int]] = {}
+
+    def before_eval(self, strategy, **kwargs):
+        self.correct = {}
+
+    def after_eval_iteration(self, strategy, **kwargs):
+        right = (strategy.mb_output.argmax(dim=1) == strategy.mb_y).int().tolist()
+        self.correct.setdefault(int(strategy.experience.current_experience), []).extend(right)
 
 
 class ExpertReplay(SupervisedTemplate):

@@ -14,7 +14,8 @@ from mmer_cl.bench.runfolder import Run, source_digest
 
 DEFAULT_STREAMS = ("modality", "split_fmnist", "forgetting")
 # The order of the tables; a method registered elsewhere follows these.
-METHOD_ORDER = ("individual", "mmer_exact", "mmer_sparse", "mmer_compact", "mmer_routed", "mmer_controls",
+METHOD_ORDER = ("individual", "mmer_exact", "mmer_sparse", "mmer_compact", "mmer_routed", "mmer_routed_entropy",
+                "mmer_controls",
                 "task_arithmetic", "ties", "dare_ties", "tall", "emr", "magmax", "continual_ties", "opcm", "naive",
                 "ewc", "lwf", "replay", "lora", "mmer_lora", "joint", "forgetting")
 
@@ -37,30 +38,35 @@ def _applies(name: str, data) -> bool:
     return applies is None or bool(applies(data))
 
 
-def run(profile: Profile, streams=None, methods=None, seed: int = 0, out="results", cache=None,
+def run(profile: Profile, streams=None, methods=None, seed: int | None = None, out="results", cache=None,
         command: str | None = None, progress: bool = True) -> dict:
-    """Runs (or resumes) the methods on every stream and writes the tables and plots to `out`; returns
-    {stream: {method: result}}."""
+    """Runs (or resumes) the methods on every stream, for `seed` or else every seed of the profile, and writes
+    the tables and plots to `out` (the first seed's, and the spread over seeds); returns {stream: {method:
+    result}} of the first seed."""
     prov = report.provenance(command)  # the code as the run starts
     registry.load_builtins()
     names = [registry.resolve_stream(name) for name in (streams or DEFAULT_STREAMS)]
-    torch.manual_seed(seed)
     start = time.perf_counter()
     cache = Path(cache or os.environ.get("MMER_CL_CACHE") or Path.home() / ".cache" / "mmer_cl" / "runs")
-    bench = Run(profile, seed, cache, progress=progress)
-    results, streams_data = {}, {}
-    for name in names:
-        fn = registry.STREAMS[name]
-        data = fn(profile, seed).check()
-        data.fingerprint = source_digest(fn)
-        chosen = methods_for(data, profile, methods)
-        if not chosen:
-            raise ValueError(f"no method applies to stream '{name}'" + (f" among {methods}" if methods else ""))
-        streams_data[data.name], results[data.name] = data, {}
-        for method in tqdm(chosen, desc=f"{data.name}: methods", disable=not progress):
-            results[data.name][method] = bench.cached(data, method, lambda m=method: registry.METHODS[m].fn(bench, data))
-    tables.write_outputs(Path(out), prov, profile, results, streams_data, time.perf_counter() - start, bench)
-    return results
+    by_seed, streams_data = {}, {}
+    for s in ([seed] if seed is not None else list(profile.seeds)):
+        torch.manual_seed(s)
+        bench, results = Run(profile, s, cache, progress=progress), {}
+        for name in names:
+            fn = registry.STREAMS[name]
+            data = fn(profile, s).check()
+            data.fingerprint = source_digest(fn)
+            chosen = methods_for(data, profile, methods)
+            if not chosen:
+                raise ValueError(f"no method applies to stream '{name}'" + (f" among {methods}" if methods else ""))
+            streams_data[data.name], results[data.name] = data, {}
+            for method in tqdm(chosen, desc=f"{data.name}, seed {s}: methods", disable=not progress):
+                results[data.name][method] = bench.cached(data, method, lambda m=method: registry.METHODS[m].fn(bench, data))
+        by_seed[s] = results
+    first = next(iter(by_seed))
+    tables.write_outputs(Path(out), prov, profile, by_seed, streams_data, time.perf_counter() - start,
+                         Run(profile, first, cache, progress=False))
+    return by_seed[first]
 
 
 def cli_run(args) -> int:

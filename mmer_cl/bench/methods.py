@@ -21,12 +21,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mmer_cl import analysis, experts, fold, metrics, store
-from mmer_cl.bench.glue import ExpertReplay, FineTuning, SaveModels, TaskRouter, avalanche_stream, optimizer_for
+from mmer_cl.bench.glue import (ExpertReplay, FineTuning, SampleCorrectness, SaveModels, TaskRouter, avalanche_stream,
+                                optimizer_for)
 from mmer_cl.bench.registry import method
 from mmer_cl.bench.runfolder import Result
 from mmer_cl.checkpoints import Checkpoint
 from mmer_cl.decoupled import TaskSwitcher
 from mmer_cl.plugin import MMERPlugin
+from mmer_cl.routing import GaussianRouter, entropy_router
 
 ACCURACY = "Top1_Acc_Exp/eval_phase/test_stream/Task{t:03d}/Exp{t:03d}"
 
@@ -74,9 +76,12 @@ def model_storage(model: nn.Module, data, *extra_components) -> tuple[int, int]:
 
 
 def state_storage(state_dir: Path) -> dict:
+    """What a state keeps, and its router's statistics if the plugin saved a feature router beside it."""
     sizes = analysis.storage_bytes(store.load(state_dir))
+    router = state_dir / "router"
     return metrics.storage(base=sizes["base (referenced, not stored)"], shared_vectors=sizes["tau_star"] + sizes["kept vectors"],
-                           masks=sizes["masks"], private=sizes["private"])
+                           masks=sizes["masks"], private=sizes["private"],
+                           router=metrics.nbytes(router) if router.exists() else 0)
 
 
 # ---- the experts ------------------------------------------------------------------------------------
@@ -113,14 +118,15 @@ def exact_state_of(run, data, models: Path, name: str) -> Path:
 
 
 def replay(data, models: Path, state_dir: Path, settings: dict, lam=1.0, evaluate_each: bool = True,
-           infer_task: bool = False):
-    """ExpertReplay + MMERPlugin over the saved models: (R, the plugin); R[t, j] is Avalanche's accuracy on
-    task j after the fold of experience t."""
+           infer_task: bool = False, router=entropy_router):
+    """ExpertReplay + MMERPlugin over the saved models: (R, the plugin, per-sample correctness); R[t, j] is Avalanche's accuracy on
+    task j after the fold of experience t. The router only matters with infer_task."""
     shutil.rmtree(state_dir, ignore_errors=True)
-    plugin = MMERPlugin(state_dir, lam=lam, shared=shared_of(data), infer_task=infer_task, **settings)
+    plugin = MMERPlugin(state_dir, lam=lam, shared=shared_of(data), infer_task=infer_task, router=router, **settings)
+    correctness = SampleCorrectness()
     evaluator = EvaluationPlugin(accuracy_metrics(experience=True), loggers=[])
-    strategy = ExpertReplay(model=new_model(data), load=lambda t: load_weights(models / str(t)), plugins=[plugin],
-                            evaluator=evaluator, eval_mb_size=128)
+    strategy = ExpertReplay(model=new_model(data), load=lambda t: load_weights(models / str(t)),
+                            plugins=[plugin, correctness], evaluator=evaluator, eval_mb_size=128)
     bm = avalanche_stream(data.specs, data.train, data.test)
     R = nan_matrix(len(data.specs))
     for t, experience in enumerate(bm.train_stream):
@@ -128,7 +134,12 @@ def replay(data, models: Path, state_dir: Path, settings: dict, lam=1.0, evaluat
         if evaluate_each:
             results = strategy.eval(bm.test_stream[: t + 1])
             R[t, : t + 1] = [results[ACCURACY.format(t=j)] for j in range(t + 1)]
-    return R, plugin
+    return R, plugin, correctness
+
+
+def final_correct(correctness: SampleCorrectness, data) -> dict:
+    """{"correct": [task][sample] 0/1} of the evaluation after the last experience, for paired intervals."""
+    return {"correct": [correctness.correct[t] for t in range(len(data.specs))]}
 
 
 def score_state(model: TaskRouter, state_dir: Path, data, sets: dict) -> dict[str, float]:
@@ -169,11 +180,11 @@ def merging_method(run, data, name: str, settings: dict, grid: list[dict], *, mo
     point = dict(chosen["choice"])
     lam = point.pop("lam", 1.0)
     state_dir = run.dir / data.name / f"state-{name}"
-    R, plugin = replay(data, models_dir, state_dir, {**settings, **point}, lam=lam)
+    R, plugin, correctness = replay(data, models_dir, state_dir, {**settings, **point}, lam=lam)
     state = store.load(state_dir)
     result = Result(R, state_storage(state_dir), {
         "hyper": chosen, "settings": state.manifest["settings"], "lam": [t["lam"] for t in state.tasks],
-        "fold_seconds": plugin.fold_seconds,
+        "fold_seconds": plugin.fold_seconds, **final_correct(correctness, data),
         "reconstruction_error": analysis.reconstruction_errors(state, store.load(exact))})
     shutil.rmtree(state_dir)  # measured: a run keeps its experts, not every method's state (GBs each)
     return result
@@ -281,7 +292,8 @@ def avalanche_method(run, data, name: str) -> Result:
 
     torch.manual_seed(run.seed)
     model = new_model(data)
-    plugins = [FineTuning()]
+    correctness = SampleCorrectness()
+    plugins = [FineTuning(), correctness]
     if name == "naive":
         shutil.rmtree(run.dir / data.name / "naive-models", ignore_errors=True)
         plugins.append(SaveModels(run.dir / data.name / "naive-models"))
@@ -301,7 +313,7 @@ def avalanche_method(run, data, name: str) -> Result:
     base, private = model_storage(model, data)
     kept = baselines.kept_state(strategy)
     return Result(R, metrics.storage(base=base, private=private, shared_vectors=metrics.nbytes(kept["vectors"]),
-                                     buffer=metrics.nbytes(kept["buffer"])))
+                                     buffer=metrics.nbytes(kept["buffer"])), final_correct(correctness, data))
 
 
 for _name in ("naive", "ewc", "lwf", "replay"):
@@ -360,25 +372,40 @@ def run_joint(run, data) -> Result:
     return Result(R, metrics.storage(base=base, private=private))
 
 
-@method("mmer_routed", applies=lambda data: len(data.specs) > 1 and len({s.modality for s in data.specs}) == 1)
-def run_mmer_routed(run, data) -> Result:
-    """MMER (exact, settings chosen as mmer_exact's) with no task label at test: each sample routed to the
-    task whose decoupled model is most certain (lowest predictive entropy); the routing confusion kept. For
-    streams of one modality (an input of another modality names its task by itself)."""
+ROUTED = dict(applies=lambda data: len(data.specs) > 1 and len({s.modality for s in data.specs}) == 1)
+
+
+def routed(run, data, name: str, router) -> Result:
+    """MMER (exact, settings chosen as mmer_exact's) with no task label at test: each sample routed among all
+    folded tasks by `router`; the routing confusion kept. For streams of one modality (an input of another
+    modality names its task by itself)."""
     models_dir, exact = models_and_state(run, data, "full")
     p = run.profile
     settings = dict(merge="ties", mask_rule="mmer", mode="exact")
     point = dict(choose(run, data, "mmer_exact", exact, settings, grid(alpha=p.alphas, lam=p.lams))["choice"])
     lam = point.pop("lam", 1.0)
-    state_dir = run.dir / data.name / "state-mmer_routed"
-    R, plugin = replay(data, models_dir, state_dir, {**settings, **point}, lam=lam, infer_task=True)
+    state_dir = run.dir / data.name / f"state-{name}"
+    R, plugin, correctness = replay(data, models_dir, state_dir, {**settings, **point}, lam=lam, infer_task=True, router=router)
     storage = state_storage(state_dir)
     shutil.rmtree(state_dir)
     confusion = [[0] * len(data.specs) for _ in data.specs]
     for entry in plugin.routing[-len(data.specs):]:  # the evaluation after the last experience
-        for name, count in zip(entry["candidates"], entry["chosen"]):
-            confusion[entry["experience"]][int(name[3:])] += count
-    return Result(R, storage, {"routing_confusion": confusion})
+        for task, count in zip(entry["candidates"], entry["chosen"]):
+            confusion[entry["experience"]][int(task[3:])] += count
+    return Result(R, storage, {"routing_confusion": confusion, **final_correct(correctness, data)})
+
+
+@method("mmer_routed", **ROUTED)
+def run_mmer_routed(run, data) -> Result:
+    """Routed by class-conditional Gaussians in theta0's pooled features (routing.GaussianRouter), the first
+    task's private encoder reading every input."""
+    return routed(run, data, "mmer_routed", GaussianRouter(features=lambda model, x, label: model.features(x, label)))
+
+
+@method("mmer_routed_entropy", **ROUTED)
+def run_mmer_routed_entropy(run, data) -> Result:
+    """Routed by the lowest predictive entropy among the tasks' decoupled models (the baseline router)."""
+    return routed(run, data, "mmer_routed_entropy", entropy_router)
 
 
 @method("forgetting", applies=lambda data: "forgetting" in (data.methods or ()))

@@ -42,7 +42,7 @@ PROFILES = {
     "default": Profile("default", steps=150, train_per_task=2400, val_per_task=200, test_per_task=500,
                        skip=("modality/ewc", "modality/lwf", "modality/replay"), cost="about 30 min on 2 cores"),
     "full": Profile("full", steps=400, train_per_task=12800, val_per_task=1000, test_per_task=3000,
-                    cost="hours"),
+                    seeds=(0, 1, 2), cost="hours"),
 }
 
 

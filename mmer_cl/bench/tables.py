@@ -11,8 +11,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mmer_cl import metrics
+from mmer_cl import metrics, stats
 from mmer_cl.bench import report
+
+REFERENCE = "mmer_exact"  # the method every other one is compared with, on the same test examples
 
 
 def _matrix_results(results: dict) -> dict:
@@ -24,16 +26,38 @@ def summary_table(results: dict, expert_accuracy) -> pd.DataFrame:
     for name, result in _matrix_results(results).items():
         R = np.asarray(result["matrix"], dtype=float)
         only_final = len(R) > 1 and bool(np.isnan(R[:-1]).all())  # joint training: no earlier rows
-        row = {"method": name, "final_avg_acc": float(np.mean(R[-1])),
+        own = own_interval(result)
+        row = {"method": name, "final_avg_acc": float(np.mean(R[-1])), "final_lo": own["lo"], "final_hi": own["hi"],
                "bwt": float("nan") if only_final else metrics.backward_transfer(R),
                "avg_forgetting": float("nan") if only_final else metrics.average_forgetting(R),
                "retention": float(np.mean(metrics.retention(R, expert_accuracy))) if expert_accuracy else float("nan"),
                "storage_total_mb": result["storage"]["total"] / 2**20}
-        row.update({f"{c}_mb": result["storage"][c] / 2**20 for c in metrics.STORAGE_COMPONENTS})
+        row.update({f"{c}_mb": result["storage"].get(c, 0) / 2**20 for c in metrics.STORAGE_COMPONENTS})
         row["fold_s"] = sum(result["fold_seconds"].values()) if "fold_seconds" in result else float("nan")
         row["method_s"] = result.get("seconds", float("nan"))
         row["peak_rss_mb"] = result.get("peak_rss_mb", float("nan"))
         rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def own_interval(result: dict) -> dict:
+    """The 95% bootstrap interval of a method's final average accuracy over its test examples (NaN without
+    per-sample scores)."""
+    if "correct" not in result:
+        return {"lo": float("nan"), "hi": float("nan")}
+    return stats.paired_bootstrap(result["correct"], [[0] * len(c) for c in result["correct"]])
+
+
+def paired_table(results: dict, reference: str = REFERENCE) -> pd.DataFrame:
+    """The reference method against every other with per-sample scores: the paired difference of final average
+    accuracy on the same test examples, its 95% bootstrap interval, and what the interval supports."""
+    if reference not in results or "correct" not in results[reference]:
+        return pd.DataFrame()
+    rows = []
+    for name, result in results.items():
+        if name != reference and "correct" in result:
+            interval = stats.paired_bootstrap(results[reference]["correct"], result["correct"])
+            rows.append({"method": name, **interval, "verdict": stats.verdict(reference, name, interval)})
     return pd.DataFrame(rows)
 
 
@@ -109,12 +133,39 @@ def routing_table(result: dict, tasks) -> pd.DataFrame:
                          for t, (task, row) in enumerate(zip(tasks, result["routing_confusion"]))])
 
 
-def write_outputs(out: Path, prov: dict, profile, results: dict, streams: dict, elapsed: float, run) -> None:
+def seeds_table(by_seed: dict, stream: str) -> pd.DataFrame:
+    """Per method, final average accuracy and average forgetting over seeds: mean, std and 95% t-interval."""
+    rows = []
+    first = next(iter(by_seed.values()))[stream]
+    for method in [m for m, result in first.items() if "matrix" in result]:
+        finals, forgettings = [], []
+        for results in by_seed.values():
+            if method in results[stream]:
+                R = np.asarray(results[stream][method]["matrix"], dtype=float)
+                finals.append(float(np.mean(R[-1])))
+                forgettings.append(metrics.average_forgetting(R) if not np.isnan(R[:-1]).all() else float("nan"))
+        acc, forget = stats.seed_interval(finals), stats.seed_interval(forgettings)
+        rows.append({"method": method, "seeds": acc["n"], "final_avg_acc": acc["mean"], "std": acc["std"],
+                     "lo": acc["lo"], "hi": acc["hi"], "avg_forgetting": forget["mean"], "forgetting_std": forget["std"]})
+    return pd.DataFrame(rows)
+
+
+def write_outputs(out: Path, prov: dict, profile, by_seed: dict, streams: dict, elapsed: float, run) -> None:
+    """The first seed's tables and plots; with several seeds, the spread over them too."""
     out.mkdir(parents=True, exist_ok=True)
+    seeds, results = list(by_seed), next(iter(by_seed.values()))
     sections = [f"# mmer_cl benchmark, profile `{profile.name}`", "", *[f"- {line}" for line in report.provenance_lines(prov)],
                 f"- wall time of this invocation: {elapsed / 60:.1f} min (results reused from the run folder are not "
-                f"re-timed; each method's own time is `method_s`)", f"- profile: `{json.dumps(asdict(profile))}`", ""]
+                f"re-timed; each method's own time is `method_s`)", f"- profile: `{json.dumps(asdict(profile))}`",
+                f"- seeds: {seeds}; the tables are seed {seeds[0]}'s" + (", and `*_seeds` the spread over all of them"
+                                                                         if len(seeds) > 1 else ""), ""]
     for name, stream_results in results.items():
+        if len(seeds) > 1:
+            df = seeds_table(by_seed, name)
+            if len(df):
+                report.write_table(df, out, f"{name}_seeds", prov, f"{name}: over seeds {seeds}",
+                                   note="mean, sample std and Student-t 95% interval [lo, hi] over seeds")
+                sections.append(report.markdown_section(df, f"{name}: final accuracy and forgetting over seeds {seeds}"))
         sections += _stream_outputs(out, prov, name, stream_results, streams[name].tasks)
     (out / "SUMMARY.md").write_text("\n".join(sections) + "\n")
     report.write_provenance(out, prov, extra=f"Run folder (cached experts and method results): {run.dir}")
@@ -138,6 +189,12 @@ def _stream_outputs(out: Path, prov: dict, name: str, results: dict, tasks) -> l
         return sections
     summary = summary_table(results, expert)
     table(summary, "summary", f"{name}: final accuracy, BWT, forgetting, retention, storage, time")
+    paired = paired_table(results)
+    if len(paired):
+        table(paired, "paired", f"{name}: {REFERENCE} against each method, paired on the same test examples",
+              note="diff = final average accuracy of the reference minus the method's; [lo, hi] its 95% bootstrap "
+                   "interval (examples resampled within each task, 10,000 resamples); one seed: the interval covers "
+                   "the test sample, not training randomness.")
     if expert:
         table(retention_table(results, tasks, expert), "retention", f"{name}: final accuracy and retention per task")
     long = pd.DataFrame([{"method": m, "after": tasks[t], "task": tasks[j], "acc": R[t, j]}
@@ -157,9 +214,11 @@ def _stream_outputs(out: Path, prov: dict, name: str, results: dict, tasks) -> l
     modes = modes_table(results, tasks)
     if len(modes):
         table(modes, "modes", f"{name}: MMER exact / sparse / compact")
-    if "mmer_routed" in results:
-        table(routing_table(results["mmer_routed"], tasks), "routing",
-              f"{name}: MMER without task labels, where lowest-entropy routing sent each task's samples")
+    for method, router, suffix in (("mmer_routed", "Gaussians in theta0's features", ""),
+                                   ("mmer_routed_entropy", "lowest predictive entropy", "_entropy")):
+        if method in results:
+            table(routing_table(results[method], tasks), f"routing{suffix}",
+                  f"{name}: MMER without task labels, where routing by {router} sent each task's samples")
     report.plot_accuracy_matrices(matrices, tasks, out / f"{name}_accuracy_matrices.png", prov, f"{name}: R[after, task]")
     forgetting = summary.dropna(subset=["avg_forgetting"])
     report.plot_bars(dict(zip(forgetting["method"], forgetting["avg_forgetting"])), out / f"{name}_forgetting.png", prov,
