@@ -17,7 +17,8 @@ What the plugin does around the strategy's own training (which every metric, log
 - before each evaluation experience the model carries that experience's decoupled weights, theta0 +
   r_t * m_t * tau_star: by task label when one folded task has that label; per sample, by a router
   (mmer_cl.routing), when several share the label (class-incremental streams) or with `infer_task`; theta0
-  for a label no task has yet. The weights from before the evaluation are restored after it.
+  for a label no task has yet. The weights from before the evaluation are restored after it. A periodic
+  evaluation during training (Avalanche's eval_every) sees the model being trained, as it is.
 - a feature router (routing.GaussianRouter) is fitted after each training experience on a support set of it,
   in theta0's features, and saved in `<state>/router`.
 """
@@ -67,6 +68,7 @@ class MMERPlugin(SupervisedPlugin):
         self.routing: list[dict] = []  # per routed evaluation experience: counts of the chosen tasks
         self._switcher: decoupled.TaskSwitcher | None = None
         self._saved: dict[str, Tensor] | None = None
+        self._training = False
         self._routed: list | None = None
 
     # ---- training ------------------------------------------------------------------------------------
@@ -96,6 +98,7 @@ class MMERPlugin(SupervisedPlugin):
                 params[name].copy_(value)
         strategy.optimizer.state.clear()
         self._start = {n: t.detach().clone() for n, t in model.state_dict().items() if n not in self.theta0}
+        self._training = True
 
     def _check_shapes(self, tensors: dict) -> None:
         for name, value in self.theta0.items():
@@ -107,6 +110,7 @@ class MMERPlugin(SupervisedPlugin):
 
     @torch.no_grad()
     def after_training_exp(self, strategy, **kwargs):
+        self._training = False
         model, experience = strategy.model, strategy.experience
         state = model.state_dict()
         self._check_shapes(state)
@@ -171,7 +175,7 @@ class MMERPlugin(SupervisedPlugin):
     @torch.no_grad()
     def before_eval_exp(self, strategy, **kwargs):
         self._routed = None
-        if not self.tasks:
+        if not self.tasks or self._training:  # a periodic evaluation during training sees the model in training
             return
         label = int(list(getattr(strategy.experience, "task_labels", [0]))[0])
         candidates = self.tasks if self.infer_task else [t for t in self.tasks if t["label"] == label]

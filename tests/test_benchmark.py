@@ -132,17 +132,43 @@ def test_two_seeds_give_intervals_paired_scores_and_label_free_routing(tmp_path)
     registry.resolve_stream(f"{EXAMPLE}:digits")
     profile = replace(TINY, seeds=(0, 1))
     out = tmp_path / "results"
-    results = loop.run(profile, streams=[f"{EXAMPLE}:digits"], methods=["mmer_exact", "ties", "mmer_routed", "naive"],
-                       out=out, cache=tmp_path / "cache", progress=False)["digits"]
+    results = loop.run(profile, streams=[f"{EXAMPLE}:digits"], methods=["individual", "mmer_exact", "ties", "mmer_routed",
+                       "naive"], out=out, cache=tmp_path / "cache", progress=False)["digits"]
     for name, result in results.items():  # the paired scores are the very samples Avalanche's accuracy counted
-        assert np.allclose([np.mean(c) for c in result["correct"]], result["matrix"][-1]), name
+        if name != "individual":
+            assert np.allclose([np.mean(c) for c in result["correct"]], result["matrix"][-1]), name
+    curves = pd.read_csv(out / "digits_learning_curves.csv", comment="#")
+    for t, task in enumerate(results["individual"]["expert_accuracy"]):  # the curve ends at the expert itself
+        rows = curves[(curves["task"] == f"digits_{2 * t}{2 * t + 1}") & (curves["split"] == "test")]
+        assert rows["step"].iloc[0] == 0 and rows["step"].is_monotonic_increasing
+        assert rows["acc"].iloc[-1] == results["individual"]["expert_accuracy"][t]
+    assert (out / "digits_learning_curves.png").stat().st_size > 0
     paired = pd.read_csv(out / "digits_paired.csv", comment="#")
-    assert set(paired["method"]) == {"ties", "mmer_routed", "naive"}
+    assert set(paired["method"]) == {"ties", "mmer_routed", "naive"}  # individual: no per-sample scores
     assert all((paired["lo"] <= paired["diff"]) & (paired["diff"] <= paired["hi"]))
     assert all(v.startswith("mmer_exact ") for v in paired["verdict"])
     seeds = pd.read_csv(out / "digits_seeds.csv", comment="#")
-    assert list(seeds["seeds"]) == [2] * 4 and all(seeds["lo"] <= seeds["final_avg_acc"])
+    assert list(seeds["seeds"]) == [2] * 5 and all(seeds["lo"] <= seeds["final_avg_acc"])
     routed = results["mmer_routed"]
     sizes = [len(c) for c in routed["correct"]]
     assert [sum(row) for row in routed["routing_confusion"]] == sizes and routed["storage"]["router"] > 0
     assert "seeds: [0, 1]" in (out / "SUMMARY.md").read_text()
+
+
+def test_an_avalanche_baseline_is_tuned_on_validation_when_the_profile_gives_a_grid(tmp_path):
+    """EWC over a grid of lambdas: every point trained once, the best mean validation accuracy kept, its test
+    matrix reported, the grid in the tables."""
+    import pandas as pd
+
+    registry.resolve_stream(f"{EXAMPLE}:digits")
+    profile = replace(TINY, ewc_lambdas=(0.0, 1e6))
+    out = tmp_path / "results"
+    result = loop.run(profile, streams=[f"{EXAMPLE}:digits"], methods=["ewc"], out=out, cache=tmp_path / "cache",
+                      progress=False)["digits"]["ewc"]
+    grid = result["hyper"]["grid"]
+    assert [row["ewc_lambda"] for row in grid] == [0.0, 1e6]
+    best = max(grid, key=lambda row: row["val_acc"])
+    assert result["hyper"]["choice"] == {"ewc_lambda": best["ewc_lambda"]} and result["val_acc"] == best["val_acc"]
+    assert result["options"] == result["hyper"]["choice"]
+    table = pd.read_csv(out / "digits_grids.csv", comment="#")
+    assert set(table["setting"]) == {"ewc_lambda=0.0", "ewc_lambda=1000000.0"}

@@ -172,3 +172,27 @@ def test_a_folder_that_already_holds_a_state_is_refused_and_left_alone(fmnist, t
     with pytest.raises(store.StateError, match="already holds an MMER state.*exp000.*new folder"):
         strategy_for(mlp(True), [MMERPlugin(tmp_path / "state")], epochs=1).train(benchmark.train_stream[0])
     assert {p: p.read_bytes() for p in (tmp_path / "state").rglob("*") if p.is_file()} == before
+
+
+def test_a_periodic_evaluation_during_training_sees_the_model_being_trained(fmnist, tmp_path):
+    """Avalanche's eval_every: mid-experience, the plugin leaves the model as it is (not theta0, not a
+    decoupled model), and after the experience it evaluates the folded task as usual."""
+    benchmark = split(fmnist, task_labels=True)
+    model = mlp(True)
+    seen = []
+
+    class Probe(SupervisedPlugin):
+        def before_eval_exp(self, strategy, **kwargs):
+            seen.append(model.features[0].weight.detach().clone())
+
+    evaluator = EvaluationPlugin(accuracy_metrics(experience=True), loggers=[])
+    strategy = Naive(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
+                     criterion=torch.nn.CrossEntropyLoss(), train_mb_size=64, train_epochs=1, eval_mb_size=500,
+                     plugins=[MMERPlugin(tmp_path / "state"), Probe()], evaluator=evaluator, eval_every=3,
+                     peval_mode="iteration")
+    for experience in benchmark.train_stream[:2]:
+        strategy.train(experience, eval_streams=[experience])
+    theta0 = Checkpoint(tmp_path / "state" / "theta0").read("features.0.weight")
+    middle = seen[len(seen) // 2 + 2]  # an evaluation inside the second experience's training
+    assert not torch.equal(middle, theta0)
+    assert not torch.equal(seen[-1], seen[-2])  # mid-training weights, then the folded task's decoupled ones

@@ -8,10 +8,21 @@ from torch import nn
 
 from mmer_cl.bench.glue import TaskSpec, optimizer_for
 
-# Avalanche baselines' settings: common defaults from the Avalanche examples and papers, not tuned here.
+# Avalanche baselines' settings: common defaults from the Avalanche examples and papers, used as they are
+# where a profile gives no grid (settings_grid).
 EWC_LAMBDA = 100.0
 LWF_ALPHA, LWF_TEMPERATURE = 1.0, 2.0
-REPLAY_MEM_PER_TASK = 100
+REPLAY_MEM_PER_TASK = 100  # the storage budget: 100 examples per task, fixed rather than tuned
+
+
+def settings_grid(name: str, profile) -> list[dict]:
+    """The strategy options to choose among on validation: the profile's grid, or the one default point."""
+    if name == "ewc":
+        return [{"ewc_lambda": float(v)} for v in (profile.ewc_lambdas or (EWC_LAMBDA,))]
+    if name == "lwf":
+        return [{"alpha": float(a), "temperature": float(t)}
+                for a, t in (profile.lwf_settings or ((LWF_ALPHA, LWF_TEMPERATURE),))]
+    return [{}]
 
 
 def kept_state(strategy) -> dict:

@@ -7,8 +7,9 @@ input (an image, log-mel features, token ids):
   different modalities batch together (Avalanche's replay concatenates buffer and current data);
 - `TaskRouter`, a MultiTaskModule, unpacks the inputs of task label t and runs `model(x, task=name_t)`,
   logits padded to a common width with -1e4 so that argmax and cross-entropy ignore absent classes.
-Three strategy pieces: `FineTuning`, the experts' recipe (experts.py: warm-up then linear decay, gradient
-norm clipped) as a plugin, `SampleCorrectness`, which keeps per-sample right/wrong, and `ExpertReplay`, a strategy whose "training" on experience t loads a model
+Strategy pieces: `FineTuning`, the experts' recipe (experts.py: warm-up then linear decay, gradient norm
+clipped) as a plugin; `LearningCurve`, where an expert stands during its training; `SampleCorrectness`,
+which keeps per-sample right/wrong; and `ExpertReplay`, a strategy whose "training" on experience t loads a model
 trained before (an expert saved by `SaveModels`), so that every merging method runs as an Avalanche
 strategy with MMERPlugin on the same experts.
 """
@@ -95,8 +96,9 @@ class TaskRouter(MultiTaskModule):
         return super().forward(x, task_labels)
 
 
-def avalanche_stream(specs: Sequence[TaskSpec], train: dict, test: dict):
-    """A task-labelled Avalanche benchmark: experience t = task specs[t], inputs packed to one length."""
+def avalanche_stream(specs: Sequence[TaskSpec], train: dict, test: dict, **more: dict):
+    """A task-labelled Avalanche benchmark: experience t = task specs[t], inputs packed to one length; its
+    train_stream and test_stream, and a `<name>_stream` for each further split given (e.g. val=...)."""
     from avalanche.benchmarks import benchmark_from_datasets
     from avalanche.benchmarks.scenarios.supervised import with_classes_timeline
     from avalanche.benchmarks.scenarios.task_aware import with_task_labels
@@ -105,7 +107,7 @@ def avalanche_stream(specs: Sequence[TaskSpec], train: dict, test: dict):
 
     length = packed_length(specs)
     streams = {name: [as_avalanche(PackedInputs(sets[spec.name], length), label) for label, spec in enumerate(specs)]
-               for name, sets in (("train", train), ("test", test))}
+               for name, sets in {"train": train, "test": test, **more}.items()}
     return with_classes_timeline(with_task_labels(benchmark_from_datasets(**streams)))
 
 
@@ -153,6 +155,35 @@ class SaveModels(SupervisedPlugin):
     def after_training_exp(self, strategy, **kwargs):
         target = self.folder / str(strategy.experience.current_experience)
         checkpoints.save(target, {n: t.detach().clone() for n, t in strategy.model.state_dict().items()})
+
+
+class LearningCurve(SupervisedPlugin):
+    """Where an expert stands: `evaluate(t, split)` on its own task's validation and test sets before its
+    first step, every `every` steps, and once trained (list it before a plugin that changes the trained model,
+    as MMERPlugin's fold does). Rows: task index, split, step, accuracy."""
+
+    def __init__(self, evaluate: Callable[[int, str], float], every: int):
+        super().__init__()
+        self.evaluate, self.every, self.rows = evaluate, every, []
+
+    @torch.no_grad()
+    def _record(self, strategy) -> None:
+        t = int(strategy.experience.current_experience)
+        for split in ("val", "test"):
+            self.rows.append({"task": t, "split": split, "step": self.step, "acc": self.evaluate(t, split)})
+
+    def before_training_exp(self, strategy, **kwargs):
+        self.step = 0
+
+    def before_training_iteration(self, strategy, **kwargs):  # the model after `step` steps
+        if self.step % self.every == 0:
+            self._record(strategy)
+
+    def after_training_iteration(self, strategy, **kwargs):
+        self.step += 1
+
+    def after_training_exp(self, strategy, **kwargs):
+        self._record(strategy)
 
 
 class SampleCorrectness(SupervisedPlugin):

@@ -10,6 +10,7 @@ state in the mode its merge needs (TIES: trimmed vectors; Task Arithmetic, conti
 alone; EMR, TALL, DARE: every vector), so its storage is what it really keeps.
 """
 
+import json
 import shutil
 from pathlib import Path
 
@@ -21,10 +22,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mmer_cl import analysis, experts, fold, metrics, store
-from mmer_cl.bench.glue import (ExpertReplay, FineTuning, SampleCorrectness, SaveModels, TaskRouter, avalanche_stream,
+from mmer_cl.bench.glue import (ExpertReplay, FineTuning, LearningCurve, SampleCorrectness, SaveModels, TaskRouter, avalanche_stream,
                                 optimizer_for)
 from mmer_cl.bench.registry import method
-from mmer_cl.bench.runfolder import Result
+from mmer_cl.bench.runfolder import Result, write_json_atomic
 from mmer_cl.checkpoints import Checkpoint
 from mmer_cl.decoupled import TaskSwitcher
 from mmer_cl.plugin import MMERPlugin
@@ -87,18 +88,26 @@ def state_storage(state_dir: Path) -> dict:
 # ---- the experts ------------------------------------------------------------------------------------
 
 
+CURVE_POINTS = 10  # evaluations of each expert during its training, for its learning curve
+
+
 def experts_folder(run, data) -> Path:
     """One expert per task, as Avalanche trains it (module docstring): `models/<t>/` the trained weights,
-    `state/` their exact MMER state (theta0 and every task vector)."""
+    `state/` their exact MMER state (theta0 and every task vector), `curves.json` each expert's validation and
+    test accuracy on its own task during its training (glue.LearningCurve)."""
     def build(folder: Path):
         torch.manual_seed(run.seed)
         model = new_model(data)
-        plugins = [FineTuning(), SaveModels(folder / "models"), MMERPlugin(folder / "state", mode="exact", shared=shared_of(data))]
+        curve = LearningCurve(lambda t, split: evaluate(model, getattr(data, split)[data.specs[t].name], data.specs[t]),
+                              every=max(1, data.steps // CURVE_POINTS))
+        plugins = [FineTuning(), curve, SaveModels(folder / "models"),
+                   MMERPlugin(folder / "state", mode="exact", shared=shared_of(data))]
         strategy = _naive(model, data, plugins)
         for experience in tqdm(avalanche_stream(data.specs, data.train, data.test).train_stream,
                                desc=f"{data.name}: experts", disable=not run.progress):
             strategy.train_epochs = epochs_for(data, experience)
             strategy.train(experience)
+        write_json_atomic(folder / "curves.json", [{**row, "task": data.specs[row["task"]].name} for row in curve.rows])
     return run.artifact(data, "experts", build)
 
 
@@ -247,7 +256,7 @@ def run_individual(run, data) -> Result:
     R[np.triu_indices(len(accs), 1)] = np.nan
     base, private = model_storage(model, data)
     return Result(R, metrics.storage(base=base, shared_vectors=len(accs) * base, private=private),
-                  {"expert_accuracy": accs})
+                  {"expert_accuracy": accs, "learning_curves": json.loads((folder / "curves.json").read_text())})
 
 
 @method("mmer_controls")
@@ -283,9 +292,26 @@ def naive_models(run, data) -> Path:
     return run.dir / data.name / "naive-models"
 
 
-def avalanche_method(run, data, name: str) -> Result:
+def avalanche_method(run, data, name: str):
+    """An Avalanche baseline with its options chosen on validation: each point of its grid trained once
+    (baselines.settings_grid), the one with the best mean validation accuracy after the last experience kept."""
+    from mmer_cl.bench import baselines
+
+    points = baselines.settings_grid(name, run.profile)
+    if len(points) == 1:
+        return train_baseline(run, data, name, points[0]).to_json()
+    runs = [run.cached(data, f"grid_{name}_{i}", lambda point=point: train_baseline(run, data, name, point),
+                       settings=point) for i, point in enumerate(points)]
+    best = max(range(len(runs)), key=lambda i: (runs[i]["val_acc"], -i))
+    grid_rows = [{**point, "val_acc": r["val_acc"]} for point, r in zip(points, runs)]
+    return {**{k: v for k, v in runs[best].items() if k != "key"}, "hyper": {"choice": points[best], "grid": grid_rows},
+            "seconds": sum(r["seconds"] for r in runs), "peak_rss_mb": max(r["peak_rss_mb"] for r in runs)}
+
+
+def train_baseline(run, data, name: str, options: dict) -> Result:
     """A real Avalanche strategy on one multi-head model, with the experts' recipe and about their steps
-    per experience; Naive also saves its sequential fine-tunes (for MagMax)."""
+    per experience; R on test after each experience, and the mean validation accuracy after the last one.
+    Naive also saves its sequential fine-tunes (for MagMax)."""
     from avalanche.training import EWC, LwF, Naive, Replay
 
     from mmer_cl.bench import baselines
@@ -297,23 +323,28 @@ def avalanche_method(run, data, name: str) -> Result:
     if name == "naive":
         shutil.rmtree(run.dir / data.name / "naive-models", ignore_errors=True)
         plugins.append(SaveModels(run.dir / data.name / "naive-models"))
-    strategy_cls, options = {"naive": (Naive, {}), "ewc": (EWC, {"ewc_lambda": baselines.EWC_LAMBDA}),
-                             "lwf": (LwF, {"alpha": baselines.LWF_ALPHA, "temperature": baselines.LWF_TEMPERATURE}),
-                             "replay": (Replay, {"mem_size": baselines.REPLAY_MEM_PER_TASK * len(data.specs)})}[name]
+    strategy_cls, fixed = {"naive": (Naive, {}), "ewc": (EWC, {}), "lwf": (LwF, {}),
+                           "replay": (Replay, {"mem_size": baselines.REPLAY_MEM_PER_TASK * len(data.specs)})}[name]
     evaluator = EvaluationPlugin(accuracy_metrics(experience=True), loggers=[])
     strategy = strategy_cls(model=model, optimizer=optimizer_for(model, shared_of(data)), criterion=nn.CrossEntropyLoss(),
-                            train_mb_size=data.batch_size, eval_mb_size=128, plugins=plugins, evaluator=evaluator, **options)
-    bm = avalanche_stream(data.specs, data.train, data.test)
+                            train_mb_size=data.batch_size, eval_mb_size=128, plugins=plugins, evaluator=evaluator,
+                            **fixed, **options)
+    bm = avalanche_stream(data.specs, data.train, data.test, val=data.val)
     R = nan_matrix(len(data.specs))
-    for t, experience in enumerate(tqdm(bm.train_stream, desc=f"{data.name}/{name}", disable=not run.progress)):
+    for t, experience in enumerate(tqdm(bm.train_stream, desc=f"{data.name}/{name} {options}", disable=not run.progress)):
         strategy.train_epochs = epochs_for(data, experience)
         strategy.train(experience)
+        if t == len(data.specs) - 1:  # validation first: the per-sample scores kept are the last test ones
+            results = strategy.eval(bm.val_stream)
+            val_acc = float(np.mean([results[ACCURACY.format(t=j).replace("test_stream", "val_stream")]
+                                     for j in range(t + 1)]))
         results = strategy.eval(bm.test_stream[: t + 1])
         R[t, : t + 1] = [results[ACCURACY.format(t=j)] for j in range(t + 1)]
     base, private = model_storage(model, data)
     kept = baselines.kept_state(strategy)
     return Result(R, metrics.storage(base=base, private=private, shared_vectors=metrics.nbytes(kept["vectors"]),
-                                     buffer=metrics.nbytes(kept["buffer"])), final_correct(correctness, data))
+                                     buffer=metrics.nbytes(kept["buffer"])),
+                  {"options": options, "val_acc": val_acc, **final_correct(correctness, data)})
 
 
 for _name in ("naive", "ewc", "lwf", "replay"):

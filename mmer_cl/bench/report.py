@@ -127,6 +127,27 @@ def plot_accuracy_matrices(matrices: dict[str, np.ndarray], tasks: list[str], pa
     plt.close(fig)
 
 
+def plot_learning_curves(curves: pd.DataFrame, path: Path, prov: dict, title: str) -> None:
+    """One panel per task: its expert's validation and test accuracy against its training steps."""
+    plt = _pyplot()
+    tasks = list(dict.fromkeys(curves["task"]))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.0), squeeze=False)
+    for ax, task in zip(axes.flat, tasks):
+        for split, style in (("val", "--"), ("test", "-")):
+            rows = curves[(curves["task"] == task) & (curves["split"] == split)]
+            ax.plot(rows["step"], rows["acc"], style, marker="o", markersize=3, label=split)
+        ax.set_title(task, fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes.flat[0].set_ylabel("accuracy")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    _save(fig, path, prov)
+    plt.close(fig)
+
+
 def plot_bars(values: dict[str, float], path: Path, prov: dict, title: str, ylabel: str) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(values)), 3.2))

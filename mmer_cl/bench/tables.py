@@ -184,6 +184,15 @@ def _stream_outputs(out: Path, prov: dict, name: str, results: dict, tasks) -> l
         table(pd.DataFrame(scenario["rows"]), "scenario", f"{name}: {scenario['tasks'][0]} then {scenario['tasks'][1]}",
               note=f"MMER's settings chosen on validation: {scenario['choice']}")
     expert = results["individual"]["expert_accuracy"] if "individual" in results else None
+    if "learning_curves" in results.get("individual", {}):
+        curves = pd.DataFrame(results["individual"]["learning_curves"])
+        table(curves, "learning_curves", f"{name}: each expert's accuracy on its own task during its training",
+              section=False)
+        report.plot_learning_curves(curves, out / f"{name}_learning_curves.png", prov,
+                                    f"{name}: experts' validation and test accuracy against training steps")
+        final = curves[curves["step"] == curves.groupby(["task", "split"])["step"].transform("max")]
+        table(final.pivot(index="task", columns="split", values="acc").reset_index(), "experts",
+              f"{name}: the experts once trained, on their own task's validation and test sets")
     matrices = {m: np.asarray(r["matrix"], dtype=float) for m, r in _matrix_results(results).items()}
     if not matrices:
         return sections
