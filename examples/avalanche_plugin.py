@@ -68,7 +68,8 @@ def main(argv=None, benchmark=None) -> dict:
                   f"BWT {out[name]['bwt']:.3f}")
         if plugin.routing:
             final = plugin.routing[-len(benchmark.test_stream):]  # the evaluation after the last experience
-            out["routing_accuracy"] = sum(e["chosen"][e["experience"]] for e in final) / sum(sum(e["chosen"]) for e in final)
+            right, total = sum(e["chosen"][e["experience"]] for e in final), sum(sum(e["chosen"]) for e in final)
+            out["routing_accuracy"] = right / total
             print(f"routing ({args.router}): {out['routing_accuracy']:.3f} of the test samples on their own weights")
     return out
 

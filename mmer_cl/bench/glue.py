@@ -122,11 +122,17 @@ def optimizer_for(model: nn.Module, shared: Callable[[str], bool]) -> torch.opti
 
 class FineTuning(SupervisedPlugin):
     """The experts' recipe inside any Avalanche strategy: per experience, the learning rates rise linearly
-    over the first steps and decay linearly to 0 (experts.schedule), and the gradient norm is clipped."""
+    over the first steps and decay linearly to 0 (experts.schedule), and the gradient norm is clipped.
+    shared_lr_scale: {experience: factor} on the shared parameters' rate (optimizer_for's first group)."""
+
+    def __init__(self, shared_lr_scale: dict[int, float] | None = None):
+        super().__init__()
+        self.shared_lr_scale = shared_lr_scale or {}
 
     def before_training_exp(self, strategy, **kwargs):
         groups = strategy.optimizer.param_groups
         self.base_lrs = [group.setdefault("initial_lr", group["lr"]) for group in groups]
+        self.base_lrs[0] *= self.shared_lr_scale.get(int(strategy.experience.current_experience), 1.0)
         self.total = strategy.train_epochs * len(strategy.dataloader)
         self.step = 0
         self._set(strategy)

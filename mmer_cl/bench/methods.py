@@ -22,8 +22,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mmer_cl import analysis, experts, fold, metrics, store
-from mmer_cl.bench.glue import (ExpertReplay, FineTuning, LearningCurve, SampleCorrectness, SaveModels, TaskRouter, avalanche_stream,
-                                optimizer_for)
+from mmer_cl.bench.glue import (ExpertReplay, FineTuning, LearningCurve, SampleCorrectness, SaveModels, TaskRouter,
+                                avalanche_stream, optimizer_for)
 from mmer_cl.bench.registry import method
 from mmer_cl.bench.runfolder import Result, write_json_atomic
 from mmer_cl.checkpoints import Checkpoint
@@ -128,8 +128,8 @@ def exact_state_of(run, data, models: Path, name: str) -> Path:
 
 def replay(data, models: Path, state_dir: Path, settings: dict, lam=1.0, evaluate_each: bool = True,
            infer_task: bool = False, router=entropy_router):
-    """ExpertReplay + MMERPlugin over the saved models: (R, the plugin, per-sample correctness); R[t, j] is Avalanche's accuracy on
-    task j after the fold of experience t. The router only matters with infer_task."""
+    """ExpertReplay + MMERPlugin over the saved models: (R, the plugin, per-sample correctness); R[t, j] is
+    Avalanche's accuracy on task j after the fold of experience t. The router only matters with infer_task."""
     shutil.rmtree(state_dir, ignore_errors=True)
     plugin = MMERPlugin(state_dir, lam=lam, shared=shared_of(data), infer_task=infer_task, router=router, **settings)
     correctness = SampleCorrectness()
@@ -319,7 +319,8 @@ def train_baseline(run, data, name: str, options: dict) -> Result:
     torch.manual_seed(run.seed)
     model = new_model(data)
     correctness = SampleCorrectness()
-    plugins = [FineTuning(), correctness]
+    scale = {t: data.shared_lr_scale[spec.name] for t, spec in enumerate(data.specs) if spec.name in data.shared_lr_scale}
+    plugins = [FineTuning(scale), correctness]
     if name == "naive":
         shutil.rmtree(run.dir / data.name / "naive-models", ignore_errors=True)
         plugins.append(SaveModels(run.dir / data.name / "naive-models"))
@@ -416,7 +417,8 @@ def routed(run, data, name: str, router) -> Result:
     point = dict(choose(run, data, "mmer_exact", exact, settings, grid(alpha=p.alphas, lam=p.lams))["choice"])
     lam = point.pop("lam", 1.0)
     state_dir = run.dir / data.name / f"state-{name}"
-    R, plugin, correctness = replay(data, models_dir, state_dir, {**settings, **point}, lam=lam, infer_task=True, router=router)
+    R, plugin, correctness = replay(data, models_dir, state_dir, {**settings, **point}, lam=lam, infer_task=True,
+                                    router=router)
     storage = state_storage(state_dir)
     shutil.rmtree(state_dir)
     confusion = [[0] * len(data.specs) for _ in data.specs]

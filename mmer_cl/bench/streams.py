@@ -10,8 +10,8 @@ Built-in streams:
 - modality: vision (Fashion-MNIST) -> audio (spoken words) -> text (WordNet glosses), one expert each;
 - split_fmnist: Fashion-MNIST classes {0,1}, {2,3}, ... {8,9} as 5 tasks with task labels (labels 0/1 per
   task), each task a fifth of the profile's steps and examples.
-- forgetting: the modality stream's vision and audio tasks with twice its steps, for the forgetting scenario
-  (methods.py: a model fine-tuned on vision, then further on audio; MMER over the two task vectors).
+- forgetting: the modality stream's vision and audio tasks, for the forgetting scenario (methods.py: a model
+  fine-tuned on vision, then further on audio at ten times the backbone's rate; MMER over the two task vectors).
 """
 
 from collections.abc import Callable
@@ -45,6 +45,7 @@ class StreamData:
     new_model: Callable[[], nn.Module] | None = None
     shared: Callable[[str], bool] = field(default=backbone_shared)
     methods: tuple | None = None  # the methods this stream is for (None: every method that applies)
+    shared_lr_scale: dict = field(default_factory=dict)  # task -> factor on the shared rate in the sequential baselines
 
     @property
     def tasks(self) -> list[str]:
@@ -141,13 +142,11 @@ def split_fmnist_stream(profile: Profile, seed: int) -> StreamData:
     return StreamData("split_fmnist", specs, train, val, test, steps, profile.batch_size)
 
 
-FORGETTING_STEPS = 2  # times the experts' steps per task: long enough on audio that vision is really lost
-
-
 @stream("forgetting")
 def forgetting_stream(profile: Profile, seed: int) -> StreamData:
     modality = modality_stream(profile, seed)
     keep = modality.specs[:2]
     return StreamData("forgetting", keep, *({s.name: getattr(modality, part)[s.name] for s in keep}
                                             for part in ("train", "val", "test")),
-                      FORGETTING_STEPS * modality.steps, modality.batch_size, methods=("forgetting",))
+                      modality.steps, modality.batch_size, methods=("forgetting",),
+                      shared_lr_scale={keep[1].name: 3.0})  # audio at 3x the backbone's rate: vision really lost
