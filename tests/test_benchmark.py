@@ -44,6 +44,8 @@ def test_a_result_is_reused_only_while_its_key_matches_and_an_interrupted_one_le
     assert calls == ["finished", "interrupted"]
     changed = Run(replace(PROFILES["quick"], steps=5), 0, tmp_path)  # same name, other values: another folder
     assert changed.dir != run.dir
+    described = Run(replace(PROFILES["quick"], cost="another description", seeds=(0, 1)), 0, tmp_path)
+    assert described.cached(Stream, "ties", finished) == first  # what does not decide a result keeps it
     changed_stream = type("Changed", (), {"name": "modality", "fingerprint": "g"})
     run.cached(changed_stream, "ties", finished)  # the stream's definition changed: computed again
     assert calls == ["finished", "interrupted", "finished"]

@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -99,8 +99,8 @@ class Run:
         self.memo: dict = {}  # things computed once per process (experts loaded in memory)
 
     def key(self, data, name: str, settings=None) -> str:
-        return digest(asdict(self.profile), self.seed, data.name, getattr(data, "fingerprint", ""), name,
-                      settings, RESULTS_VERSION)
+        return digest(self.profile.key(), self.seed, data.name, getattr(data, "fingerprint", ""), name, settings,
+                      RESULTS_VERSION)
 
     def cached(self, data, name: str, compute: Callable[[], Result | dict], settings=None) -> dict:
         """The stored result of `name` on `data` if its key matches, else compute, store and return it."""

@@ -61,6 +61,17 @@ def paired_table(results: dict, reference: str = REFERENCE) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+PAIRED_NOTE = ("diff = final average accuracy of the reference minus the method's; [lo, hi] its 95% bootstrap "
+               "interval (examples resampled within each task, 10,000 resamples); one seed: the interval covers the "
+               "test sample, not training randomness.")
+
+
+def trained_experts(curves: pd.DataFrame) -> pd.DataFrame:
+    """The last point of each expert's learning curve: its validation and test accuracy once trained."""
+    final = curves[curves["step"] == curves.groupby(["task", "split"])["step"].transform("max")]
+    return final.pivot(index="task", columns="split", values="acc").reset_index()
+
+
 def retention_table(results: dict, tasks, expert_accuracy) -> pd.DataFrame:
     rows = []
     for name, result in _matrix_results(results).items():
@@ -190,9 +201,8 @@ def _stream_outputs(out: Path, prov: dict, name: str, results: dict, tasks) -> l
               section=False)
         report.plot_learning_curves(curves, out / f"{name}_learning_curves.png", prov,
                                     f"{name}: experts' validation and test accuracy against training steps")
-        final = curves[curves["step"] == curves.groupby(["task", "split"])["step"].transform("max")]
-        table(final.pivot(index="task", columns="split", values="acc").reset_index(), "experts",
-              f"{name}: the experts once trained, on their own task's validation and test sets")
+        table(trained_experts(curves), "experts", f"{name}: the experts once trained, on their own task's "
+              "validation and test sets")
     matrices = {m: np.asarray(r["matrix"], dtype=float) for m, r in _matrix_results(results).items()}
     if not matrices:
         return sections
@@ -201,9 +211,7 @@ def _stream_outputs(out: Path, prov: dict, name: str, results: dict, tasks) -> l
     paired = paired_table(results)
     if len(paired):
         table(paired, "paired", f"{name}: {REFERENCE} against each method, paired on the same test examples",
-              note="diff = final average accuracy of the reference minus the method's; [lo, hi] its 95% bootstrap "
-                   "interval (examples resampled within each task, 10,000 resamples); one seed: the interval covers "
-                   "the test sample, not training randomness.")
+              note=PAIRED_NOTE)
     if expert:
         table(retention_table(results, tasks, expert), "retention", f"{name}: final accuracy and retention per task")
     long = pd.DataFrame([{"method": m, "after": tasks[t], "task": tasks[j], "acc": R[t, j]}
