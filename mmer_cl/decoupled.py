@@ -163,3 +163,35 @@ class TaskSwitcher:
         for name, target in self._targets(list(name_map), "theta0"):
             target.data.copy_(self.base.view(name))
         self.current = None
+
+
+COMBINATIONS = ("union", "merged")
+
+
+def combined_state_dict(state_dir, tasks, kind: str) -> dict[str, Tensor]:
+    """The shared weights for an input that carries the modalities of several `tasks` (SPEC): `union` =
+    theta0 + (m_1 | ... | m_K) * tau_star, the tasks' packed masks OR-ed byte by byte; `merged` = theta0 +
+    tau_star. Named as the first task's model names them; no private parameters (each part of the input keeps
+    its own task's)."""
+    if kind not in COMBINATIONS:
+        raise ValueError(f"kind must be one of {COMBINATIONS}, got {kind!r}")
+    state = store.load(state_dir)
+    entries = [state.task(task) for task in tasks]
+    if kind == "union" and len({entry["scale"] for entry in entries}) > 1:
+        raise StateError(f"a union of masks needs one scale; tasks {list(tasks)} have {[e['scale'] for e in entries]}")
+    masks = [state.masks(entry) for entry in entries] if kind == "union" else []
+    if any(m is None for m in masks):
+        raise StateError(f"the state keeps no masks (mask rule {state.manifest['settings']['mask_rule']!r}): no union")
+    base, tau_star = open_base(state), state.tau_star()
+    scale = entries[0]["scale"] if kind == "union" else 1.0
+    out = {}
+    for name in base.names:
+        weights = torch.empty(base.info[name].shape, dtype=base.info[name].dtype)
+        packed = None
+        if masks:
+            packed = masks[0].read(name).clone()
+            for other in masks[1:]:
+                packed |= other.read(name)
+        out[map_name(name, entries[0]["name_map"])] = decouple_tensor(weights, base.read(name), tau_star.read(name),
+                                                                      packed, scale)
+    return out

@@ -8,6 +8,10 @@ acts on) plus, per task, PRIVATE modules under `tasks.<task>.`:
 Soft tokens enter as `inputs_embeds` (the backbone adds its position embeddings), the last hidden states
 are mean-pooled over the attention mask and a `head` (Linear) gives logits [B, num_classes].
 
+A task given `answers` (one name per class) has no private head: it answers in the backbone's own space, as an
+LLM answers through one vocabulary, so that experts of different modalities share one answer space and a
+merged model can answer an input that mixes them (`mixed_features`). See `AnswerScores`.
+
 Saved the transformers way (config.json + model.safetensors); `from_pretrained` rebuilds the backbone from the
 stored BertConfig, so a saved model loads offline with no hub access.
 
@@ -18,6 +22,7 @@ plus the MiniMLLM config.json that `load_model` needs to rebuild the model aroun
 """
 
 import copy
+import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -53,10 +58,18 @@ class MiniMLLMConfig(PretrainedConfig):
         super().__post_init__(**kwargs)
 
 
-def task_spec(modality: str, num_classes: int, input_shape: Sequence[int] | None = None, name: str = "<new>") -> dict:
+def task_spec(modality: str, num_classes: int, input_shape: Sequence[int] | None = None, name: str = "<new>",
+              answers: Sequence[str] | None = None) -> dict:
     """The config entry of task `name`. Vision and audio need the input shape ([1, 28, 28]; [n_mels, frames]);
-    an image is cut into PATCH x PATCH patches, or the largest square patches below that tile it (8x8: 4x4)."""
+    an image is cut into PATCH x PATCH patches, or the largest square patches below that tile it (8x8: 4x4).
+    `answers`: one name per class, scored in the backbone's space (AnswerScores) instead of a private head;
+    their token ids are kept in the config, so a saved model needs no tokenizer."""
     spec = {"modality": modality, "num_classes": int(num_classes)}
+    if answers is not None:
+        from mmer_cl.backbone import load_tokenizer
+
+        spec["answers"] = [str(a) for a in answers]
+        spec["answer_ids"] = load_tokenizer()(spec["answers"])["input_ids"]
     if modality != "text":
         if input_shape is None:
             raise ValueError(f"task '{name}': a {modality} task needs its input_shape to size its encoder")
@@ -86,6 +99,8 @@ def _check_task(name: str, spec: dict) -> None:
             raise ValueError(f"task '{name}': image {height}x{width} does not split into {spec['patch']}x{spec['patch']} patches")
     if modality == "audio" and len(spec["input_shape"]) != 2:
         raise ValueError(f"task '{name}': audio input_shape must be [n_mels, frames], got {spec['input_shape']}")
+    if "answers" in spec and len(spec["answers"]) != int(spec["num_classes"]):
+        raise ValueError(f"task '{name}': {len(spec['answers'])} answers for {spec['num_classes']} classes")
 
 
 def _token_dim(spec: dict) -> int:
@@ -102,8 +117,25 @@ def _task_modules(spec: dict, hidden: int) -> nn.ModuleDict:
         parts["encoder"] = nn.Sequential(nn.Linear(_token_dim(spec), ENCODER_WIDTH), nn.GELU(),
                                          nn.Linear(ENCODER_WIDTH, ENCODER_WIDTH), nn.GELU())
         parts["projector"] = nn.Linear(ENCODER_WIDTH, hidden)
-    parts["head"] = nn.Linear(hidden, spec["num_classes"])
+    parts["head"] = AnswerScores() if "answers" in spec else nn.Linear(hidden, spec["num_classes"])
     return nn.ModuleDict(parts)
+
+
+class AnswerScores(nn.Module):
+    """logits[b, c] = exp(log_scale) * cos(h_b, a_c), with h_b the pooled features of input b and a_c the
+    backbone's own pooled encoding of class c's name (MiniMLLM.answer_embeddings). The answers live in the
+    shared, merged weights; the task's one private parameter is the scale (CLIP's learnt temperature, which
+    changes no argmax). The names are encoded by the backbone, not read from its word-embedding matrix: a
+    BERT encoder's pooled outputs and its input embeddings are different spaces, the names' encodings are in
+    the features' own, so a text expert starts from the pretrained backbone's similarity."""
+
+    def __init__(self, scale: float = 20.0):
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.tensor(math.log(scale)))
+
+    def forward(self, features: Tensor, answers: Tensor) -> Tensor:
+        cosine = nn.functional.normalize(features, dim=-1) @ nn.functional.normalize(answers, dim=-1).T
+        return self.log_scale.exp() * cosine
 
 
 def vision_tokens(x: Tensor, patch: int) -> Tensor:
@@ -163,6 +195,8 @@ class MiniMLLM(PreTrainedModel):
         if spec["modality"] == "text":
             if inputs.dtype not in (torch.int64, torch.int32):
                 raise TypeError(f"task '{task}' (text) takes token ids, got {inputs.dtype}")
+            # right-padding that no row uses is dropped: it changes nothing but the cost (a gloss: ~10 of 32 tokens)
+            inputs = inputs[:, :max(1, int((inputs != 0).sum(1).max()))]
             return {"input_ids": inputs, "attention_mask": (inputs != 0).long()}
         expected = tuple(spec["input_shape"])
         if tuple(inputs.shape[1:]) != expected:
@@ -178,14 +212,41 @@ class MiniMLLM(PreTrainedModel):
 
     def features(self, inputs: Tensor, task: str) -> Tensor:
         """Masked mean of the backbone's last hidden states: [B, hidden]."""
-        kwargs = self.backbone_inputs(inputs, task)
-        hidden = self.backbone(**kwargs).last_hidden_state  # [B, N, hidden]
-        mask = kwargs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return pooled(self.backbone, **self.backbone_inputs(inputs, task))
+
+    def answer_embeddings(self, task: str, backbone: nn.Module | None = None) -> Tensor:
+        """[num_classes, hidden]: each answer's token ids ([CLS] name [SEP]) through `backbone` (this model's
+        own by default), mean-pooled as inputs are."""
+        rows = self.config.tasks[task]["answer_ids"]
+        device = next(self.backbone.parameters()).device
+        ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long, device=device)
+        for i, row in enumerate(rows):
+            ids[i, :len(row)] = torch.tensor(row)
+        return pooled(backbone or self.backbone, input_ids=ids, attention_mask=(ids != 0).long())
 
     def forward(self, inputs: Tensor, task: str) -> Tensor:
         features = self.features(inputs, task)
-        return self.tasks[task]["head"](features)
+        head = self.tasks[task]["head"]
+        return head(features, self.answer_embeddings(task)) if isinstance(head, AnswerScores) else head(features)
+
+    def mixed_inputs(self, parts: dict[str, Tensor], word_embeddings: nn.Module | None = None) -> dict:
+        """One input that carries several modalities: the concatenation, in the order of `parts` (task ->
+        that task's input batch), of each part's tokens, each through its own task's private encoder and
+        projector (text: the word embeddings, `word_embeddings` if given). Each part keeps the positions
+        0..n-1 it was trained with. Returns the backbone's keyword inputs and `segments` [B, N], the index in
+        `parts` of the part each token comes from."""
+        embeds, masks, positions, segments = [], [], [], []
+        for index, (task, inputs) in enumerate(parts.items()):
+            part = self.backbone_inputs(inputs, task)
+            if "input_ids" in part:
+                part["inputs_embeds"] = (word_embeddings or self.backbone.embeddings.word_embeddings)(part.pop("input_ids"))
+            b, n = part["attention_mask"].shape
+            embeds.append(part["inputs_embeds"])
+            masks.append(part["attention_mask"])
+            positions.append(torch.arange(n, device=masks[-1].device).expand(b, n))
+            segments.append(torch.full((b, n), index, dtype=torch.long, device=masks[-1].device))
+        return {"inputs_embeds": torch.cat(embeds, 1), "attention_mask": torch.cat(masks, 1),
+                "position_ids": torch.cat(positions, 1), "segments": torch.cat(segments, 1)}
 
     def save_base(self, folder) -> Path:
         """theta_0: the shared backbone with no task (only backbone.* weights), the point merging starts from."""
@@ -193,6 +254,13 @@ class MiniMLLM(PreTrainedModel):
         base.backbone.load_state_dict(self.backbone.state_dict())
         base.save_pretrained(folder)
         return Path(folder)
+
+
+def pooled(backbone: nn.Module, attention_mask: Tensor, **inputs) -> Tensor:
+    """Masked mean of `backbone`'s last hidden states over `attention_mask`: [B, hidden]."""
+    hidden = backbone(attention_mask=attention_mask, **inputs).last_hidden_state  # [B, N, hidden]
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
 def build_model(tasks: Iterable[tuple] = (), seed: int = 0) -> MiniMLLM:

@@ -174,3 +174,33 @@ def test_an_avalanche_baseline_is_tuned_on_validation_when_the_profile_gives_a_g
     assert result["options"] == result["hyper"]["choice"]
     table = pd.read_csv(out / "digits_grids.csv", comment="#")
     assert set(table["setting"]) == {"ewc_lambda=0.0", "ewc_lambda=1000000.0"}
+
+
+def test_expansion_scores_every_candidate_and_baseline_on_the_same_mixed_inputs(tmp_path):
+    """The aligned stream end to end at a tiny size: experts answering in the shared answer space, every
+    candidate and baseline scored on every combination's mixed test inputs (the same examples for all, so
+    they pair), choices from the validation grid, storage ordered as what each keeps, the table written."""
+    import pandas as pd
+
+    profile = replace(TINY, steps=2, batch_size=4, train_per_task=8, val_per_task=8, test_per_task=8,
+                      alphas=(1.0, 2.0), ta_alphas=(0.5,))
+    out = tmp_path / "results"
+    result = loop.run(profile, streams=["aligned"], methods=["expansion"], out=out, cache=tmp_path / "cache",
+                      progress=False)["aligned"]["expansion"]
+    combos = {"vision+audio", "vision+text", "audio+text", "vision+audio+text"}
+    assert set(result["mixed"]) == combos and all(m["test_examples"] == 16 for m in result["mixed"].values())
+    assert result["mixed"]["vision+text"]["classes"] == [1, 3, 4, 7, 8, 9]  # the classes WordNet can cover
+    methods = result["methods"]
+    assert {"mmer_union", "mmer_merged", "mmer_routed", "naive_mc", "task_arithmetic", "late_fusion",
+            "best_single", "single:vision", "single:audio", "single:text"} == set(methods)
+    for name in ("mmer_union", "mmer_merged", "mmer_routed", "naive_mc", "late_fusion"):
+        assert set(methods[name]["correct"]) == combos and all(len(c) == 16 for c in methods[name]["correct"].values())
+    for name in ("mmer_union", "mmer_routed"):
+        grid = methods[name]["grid"]
+        assert len(grid) == 2 and methods[name]["val_acc"] == max(row["val_acc"] for row in grid)
+    assert methods["naive_mc"]["choice"] == {"alpha": 1 / 3}
+    assert result["mmer_choice"] in ("mmer_union", "mmer_merged", "mmer_routed")
+    storage = result["storage"]
+    assert storage["mmer_merged"] < storage["mmer_union"] < storage["late_fusion"]
+    table = pd.read_csv(out / "aligned_expansion.csv", comment="#")
+    assert set(table["method"]) == set(methods) and all(table.dropna(subset=["vs_naive_mc"])["verdict"].str.contains("naive_mc"))

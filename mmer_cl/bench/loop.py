@@ -10,14 +10,14 @@ from tqdm.auto import tqdm
 
 from mmer_cl.bench import registry, report, tables
 from mmer_cl.bench.profiles import PROFILES, Profile
-from mmer_cl.bench.runfolder import Run, source_digest
+from mmer_cl.bench.runfolder import Run, digest, source_digest
 
-DEFAULT_STREAMS = ("modality", "split_fmnist", "forgetting")
+DEFAULT_STREAMS = ("modality", "split_fmnist", "forgetting", "aligned")
 # The order of the tables; a method registered elsewhere follows these.
 METHOD_ORDER = ("individual", "mmer_exact", "mmer_sparse", "mmer_compact", "mmer_routed", "mmer_routed_entropy",
                 "mmer_controls",
                 "task_arithmetic", "ties", "dare_ties", "tall", "emr", "magmax", "continual_ties", "opcm", "naive",
-                "ewc", "lwf", "replay", "lora", "mmer_lora", "joint", "forgetting")
+                "ewc", "lwf", "replay", "lora", "mmer_lora", "joint", "forgetting", "expansion")
 
 
 def methods_for(data, profile: Profile, asked=None) -> list[str]:
@@ -55,7 +55,7 @@ def run(profile: Profile, streams=None, methods=None, seed: int | None = None, o
         for name in names:
             fn = registry.STREAMS[name]
             data = fn(profile, s).check()
-            data.fingerprint = source_digest(fn)
+            data.fingerprint = digest(source_digest(fn), data.settings) if data.settings else source_digest(fn)
             chosen = methods_for(data, profile, methods)
             if not chosen:
                 raise ValueError(f"no method applies to stream '{name}'" + (f" among {methods}" if methods else ""))

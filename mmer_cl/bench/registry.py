@@ -11,11 +11,12 @@ import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 
-BUILTIN_MODULES = ("mmer_cl.bench.streams", "mmer_cl.bench.methods")
+BUILTIN_MODULES = ("mmer_cl.bench.streams", "mmer_cl.bench.methods", "mmer_cl.bench.expansion")
 BUILTIN_STREAMS = {
     "modality": "vision (Fashion-MNIST) -> audio (espeak-ng words) -> text (WordNet glosses), one expert each",
     "split_fmnist": "Fashion-MNIST as 5 two-class tasks with task labels (task-incremental)",
     "forgetting": "the vision expert fine-tuned further on audio: old and new task, before and after MMER",
+    "aligned": "Fashion-MNIST classes as images, spoken names and glosses: experts combined on mixed inputs",
 }
 BUILTIN_METHODS = {
     "individual": "each task's own expert (upper bound, a full copy per task)",
@@ -41,6 +42,7 @@ BUILTIN_METHODS = {
     "mmer_lora": "MMER over the LoRA adapters (compact state)",
     "joint": "one model trained on all tasks at once (upper bound)",
     "forgetting": "the forgetting scenario's own runner (stream forgetting)",
+    "expansion": "mixed inputs: MMER's union, merged and routed weights (merged = TIES) against NaiveMC, TA, single experts, late fusion",
 }
 
 STREAMS: dict[str, Callable] = {}

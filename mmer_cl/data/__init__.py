@@ -1,9 +1,11 @@
-"""Offline data: Fashion-MNIST (vision), espeak-ng spoken words (audio), WordNet glosses (text).
+"""Offline data: Fashion-MNIST (vision), espeak-ng spoken words (audio), WordNet glosses (text); and
+`load_aligned(modality)`, the ten Fashion-MNIST classes in all three, one label space (mmer_cl.data.aligned).
 
 Each `load_*(seed=0, ...)` returns `Splits(train, val, test, classes, info)`; every split is a torch Dataset of
 `(x, y)` with a `.targets` LongTensor, usable in Avalanche through `as_avalanche`.
 """
 
+from mmer_cl.data.aligned import load_aligned
 from mmer_cl.data.common import (LabelledTensors, MissingDataError, Splits, TargetSubset, as_avalanche, cache_dir,
                                  subset)
 from mmer_cl.data.fashion_mnist import fashion_mnist_root, load_fashion_mnist
@@ -24,4 +26,4 @@ def load(modality: str, seed: int = 0) -> Splits:
 
 __all__ = ["LOADERS", "LabelledTensors", "MissingDataError", "Splits", "SpokenWordsSettings", "TargetSubset",
            "as_avalanche", "cache_dir", "fashion_mnist_root", "hf_benchmark", "hf_stream", "load",
-           "load_fashion_mnist", "load_spoken_words", "load_wordnet", "subset"]
+           "load_aligned", "load_fashion_mnist", "load_spoken_words", "load_wordnet", "subset"]
