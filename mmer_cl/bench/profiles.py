@@ -38,7 +38,7 @@ class Profile:
 PROFILES = {
     "quick": Profile("quick", steps=4, batch_size=8, train_per_task=32, val_per_task=32, test_per_task=64,
                      alphas=(1.0, 2.0), lams=(1.0,), ta_alphas=(0.5, 1.0), tall_lams=(0.4,), energies=(0.5,),
-                     cost="a smoke run of everything, about 9 min on 2 cores"),
+                     cost="a smoke run of everything, about 16 min on 2 cores"),
     # EWC, LwF and Replay cost 2-3x Naive's training (5-8 min each on the modality stream): within the time
     # budget they run on Split Fashion-MNIST only, where forgetting is measured.
     "default": Profile("default", steps=150, train_per_task=2400, val_per_task=200, test_per_task=500,
