@@ -239,7 +239,8 @@ class MiniMLLM(PreTrainedModel):
         for index, (task, inputs) in enumerate(parts.items()):
             part = self.backbone_inputs(inputs, task)
             if "input_ids" in part:
-                part["inputs_embeds"] = (word_embeddings or self.backbone.embeddings.word_embeddings)(part.pop("input_ids"))
+                embed = word_embeddings or self.backbone.embeddings.word_embeddings
+                part["inputs_embeds"] = embed(part.pop("input_ids"))
             b, n = part["attention_mask"].shape
             embeds.append(part["inputs_embeds"])
             masks.append(part["attention_mask"])

@@ -150,7 +150,8 @@ def run_expansion(run, data) -> dict:
     results = choose_mmer(run, val, test, state_dir, tasks, combos)
     sizes = analysis.storage_bytes(store.load(state_dir))  # an MMER state, masks and all
     results.update(merge_baselines(run, val, test, state_dir, tasks))
-    singles = {split: fusion_scores(single_experts(model, data, models_dir, split), data, split) for split in ("val", "test")}
+    singles = {split: fusion_scores(single_experts(model, data, models_dir, split), data, split)
+               for split in ("val", "test")}
     for name, correct in singles["test"].items():
         results[name] = {"val_acc": accuracy(singles["val"][name]), "correct": correct}
     results["best_single"] = best_single(singles["val"], singles["test"], list(data.mixed["test"]))

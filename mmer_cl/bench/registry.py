@@ -42,7 +42,8 @@ BUILTIN_METHODS = {
     "mmer_lora": "MMER over the LoRA adapters (compact state)",
     "joint": "one model trained on all tasks at once (upper bound)",
     "forgetting": "the forgetting scenario's own runner (stream forgetting)",
-    "expansion": "mixed inputs: MMER's union, merged and routed weights (merged = TIES) against NaiveMC, TA, single experts, late fusion",
+    "expansion": "mixed inputs: MMER's union, merged (= TIES) and routed weights against NaiveMC, TA, single "
+                 "experts, late fusion",
 }
 
 STREAMS: dict[str, Callable] = {}

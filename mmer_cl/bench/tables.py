@@ -224,11 +224,11 @@ def _stream_outputs(out: Path, prov: dict, name: str, results: dict, tasks) -> l
             sections.append(report.markdown_section(df, title))
 
     if "expansion" in results:
-        expansion = results["expansion"]
-        df = expansion_table(expansion)
+        df = expansion_table(results["expansion"])
         table(df, "expansion", f"{name}: mixed inputs of several modalities, one decoupled model",
-              note=EXPANSION_NOTE.format(degradation=json.dumps(expansion["degradation"])))
-        report.plot_bars(dict(zip(df["method"], df["mean"])), out / f"{name}_expansion.png", prov,
+              note=EXPANSION_NOTE.format(degradation=json.dumps(results["expansion"]["degradation"])))
+        means = df.dropna(subset=["mean"])
+        report.plot_bars(dict(zip(means["method"], means["mean"])), out / f"{name}_expansion.png", prov,
                          f"{name}: mean accuracy on mixed inputs", "accuracy")
     if "forgetting" in results:
         scenario = results["forgetting"]
@@ -268,6 +268,17 @@ def _stream_outputs(out: Path, prov: dict, name: str, results: dict, tasks) -> l
         table(masks, "masks", f"{name}: masks (density, reconstruction error, test accuracy of MMER's mask vs controls)")
         table(layers, "mask_layers", f"{name}: mask density per layer", section=False)
         table(overlap, "mask_overlap", f"{name}: pairwise mask overlap")
+    _mmer_outputs(table, name, results, tasks)
+    report.plot_accuracy_matrices(matrices, tasks, out / f"{name}_accuracy_matrices.png", prov, f"{name}: R[after, task]")
+    forgetting = summary.dropna(subset=["avg_forgetting"])
+    report.plot_bars(dict(zip(forgetting["method"], forgetting["avg_forgetting"])), out / f"{name}_forgetting.png", prov,
+                     f"{name}: average forgetting", "average forgetting")
+    report.plot_accuracy_vs_storage(summary, out / f"{name}_accuracy_vs_storage.png", prov, f"{name}: accuracy vs storage")
+    return sections
+
+
+def _mmer_outputs(table, name: str, results: dict, tasks) -> None:
+    """MMER's state modes side by side, and where each router sent each task's samples."""
     modes = modes_table(results, tasks)
     if len(modes):
         table(modes, "modes", f"{name}: MMER exact / sparse / compact")
@@ -276,12 +287,6 @@ def _stream_outputs(out: Path, prov: dict, name: str, results: dict, tasks) -> l
         if method in results:
             table(routing_table(results[method], tasks), f"routing{suffix}",
                   f"{name}: MMER without task labels, where routing by {router} sent each task's samples")
-    report.plot_accuracy_matrices(matrices, tasks, out / f"{name}_accuracy_matrices.png", prov, f"{name}: R[after, task]")
-    forgetting = summary.dropna(subset=["avg_forgetting"])
-    report.plot_bars(dict(zip(forgetting["method"], forgetting["avg_forgetting"])), out / f"{name}_forgetting.png", prov,
-                     f"{name}: average forgetting", "average forgetting")
-    report.plot_accuracy_vs_storage(summary, out / f"{name}_accuracy_vs_storage.png", prov, f"{name}: accuracy vs storage")
-    return sections
 
 
 def console_summary(results: dict) -> str:
