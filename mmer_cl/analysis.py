@@ -83,7 +83,7 @@ def reconstruction_errors(state: store.State, vectors: store.State | None = None
         num = den = 0.0
         for name, info in tau_star.info.items():
             tau = kept.read(name).reshape(-1)
-            approx = _masks(state, task, name, info.numel) * tau_star.read(name).reshape(-1) * task["scale"]
+            approx = _masks(state, task, name, info.numel) * tau_star.read(name).reshape(-1).float() * task["scale"]
             num += float((approx - tau).double().square().sum())
             den += float(tau.double().square().sum())
         out[task["name"]] = math.sqrt(num / den) if den > 0 else 0.0

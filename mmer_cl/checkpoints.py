@@ -295,10 +295,10 @@ class Checkpoint:
         """{file name: sha256} of every weight file, through the open descriptors."""
         return {p.name: self.sha256(p, stop) for p in self.files}
 
-    def close(self) -> None:
+    def close(self, _close=os.close) -> None:  # bound early: __del__ may run at exit, after `os` is torn down
         self._mmaps.clear()  # numpy arrays keep their mmap alive until the last view of it is gone
         for fd in self._fds.values():
-            os.close(fd)
+            _close(fd)
         self._fds.clear()
 
     def __del__(self):

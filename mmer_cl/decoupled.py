@@ -152,7 +152,7 @@ class TaskSwitcher:
                 raise StateError(f"the model has no tensor '{name}' of shape {private.info[name].shape}, private to "
                                  f"task '{task}'")
         for name, target in targets:
-            packed = masks.read(name) if masks is not None else None
+            packed = masks.view(name) if masks is not None else None
             decouple_tensor(target.data, self.base.view(name), self.tau_star.view(name), packed, entry["scale"])
         for name in private.names if private is not None else []:
             self.tensors[name].copy_(private.read(name))

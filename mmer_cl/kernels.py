@@ -21,7 +21,6 @@ from mmer_cl import merging
 # Fold workers call kernels from several threads at once: only the TBB and OpenMP layers allow that.
 numba.config.THREADING_LAYER = "threadsafe"
 BLOCK = 1 << 14  # entries per parallel work item: a multiple of 8 (one mask byte), small enough for L2
-_BITS_LUT = ((np.arange(256)[:, None] >> np.arange(8)) & 1).astype(np.float32)  # mask byte -> 8 floats 0/1
 _PACK = np.uint64(0x0102040810204080)  # (8 bytes of 0/1 as a little-endian word * _PACK) >> 56 = those 8 bits
 _EXPONENT = np.uint32(0x7F800000)
 
@@ -213,35 +212,61 @@ FUSED = {
 
 
 # ---- decouple: theta0 + m * tau_star, written in place -------------------------------------------
+# Each parallel block walks its entries in chunks of CHUNK, so that a bfloat16 chunk's float32 scratch stays
+# in L1. tau_star is float32, or bfloat16 beside bfloat16 weights (a state folded with tau_dtype="weights"),
+# widened exactly to float32 first: the same float32 operations either way.
+
+CHUNK = 2048
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _span_bf16(o, weights, ta, bytes_, scale, bits):
+    """bfloat16 as uint16 bits: bf16 -> f32 is a shift, f32 -> bf16 rounds to nearest even (NaN -> 0x7FC0).
+    bits: uint32 scratch of at least the span's length. Mask bits by shifts of their byte, not a lookup
+    table: the loop then vectorises."""
+    m = o.size
+    for i in range(m):
+        bits[i] = np.uint32(weights[i]) << 16
+    value = bits.view(np.float32)
+    for j in range(m // 8):
+        byte = np.uint32(bytes_[j])
+        for k in range(8):
+            value[8 * j + k] += np.float32((byte >> np.uint32(k)) & np.uint32(1)) * ta[8 * j + k] * scale
+    for i in range(m // 8 * 8, m):
+        value[i] += np.float32((np.uint32(bytes_[i >> 3]) >> np.uint32(i & 7)) & np.uint32(1)) * ta[i] * scale
+    for i in range(m):
+        b = bits[i]
+        rounded = (b + np.uint32(0x7FFF) + ((b >> 16) & np.uint32(1))) >> 16
+        o[i] = np.uint16(0x7FC0) if (b & np.uint32(0x7FFFFFFF)) > _EXPONENT else np.uint16(rounded)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
-def _decouple_bf16(out, theta0, tau_star, packed, lut, scale):
-    """bfloat16 as uint16 bits: bf16 -> f32 is a shift, f32 -> bf16 rounds to nearest even (NaN -> 0x7FC0)."""
+def _decouple_bf16(out, theta0, tau_star, packed, scale):
     n = out.size
     for block in numba.prange((n + BLOCK - 1) // BLOCK):
-        lo = block * BLOCK
-        hi = min(lo + BLOCK, n)
-        # slices: indexing them vectorises, indexing the arguments at lo + i does not
-        o, weights, ta, bytes_ = out[lo:hi], theta0[lo:hi], tau_star[lo:hi], packed[lo >> 3:]
-        bits = np.empty(hi - lo, np.uint32)
-        for i in range(hi - lo):
-            bits[i] = np.uint32(weights[i]) << 16
-        value = bits.view(np.float32)
-        for j in range((hi - lo) // 8):
-            row = lut[bytes_[j]]
-            for k in range(8):
-                value[8 * j + k] += row[k] * ta[8 * j + k] * scale
-        for i in range((hi - lo) // 8 * 8, hi - lo):
-            value[i] += lut[bytes_[i >> 3], i & 7] * ta[i] * scale
-        for i in range(hi - lo):
-            b = bits[i]
-            rounded = (b + np.uint32(0x7FFF) + ((b >> 16) & np.uint32(1))) >> 16
-            o[i] = np.uint16(0x7FC0) if (b & np.uint32(0x7FFFFFFF)) > _EXPONENT else np.uint16(rounded)
+        bits = np.empty(CHUNK, np.uint32)
+        for lo in range(block * BLOCK, min(block * BLOCK + BLOCK, n), CHUNK):
+            hi = min(lo + CHUNK, n)
+            _span_bf16(out[lo:hi], theta0[lo:hi], tau_star[lo:hi], packed[lo >> 3:], scale, bits)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
-def _decouple_float(out, theta0, tau_star, packed, lut, scale):
+def _decouple_bf16_half_tau(out, theta0, tau_star, packed, scale):
+    """_decouple_bf16 with tau_star as bfloat16 bits, widened chunk by chunk."""
+    n = out.size
+    for block in numba.prange((n + BLOCK - 1) // BLOCK):
+        bits = np.empty(CHUNK, np.uint32)
+        wide = np.empty(CHUNK, np.uint32)
+        ta = wide.view(np.float32)
+        for lo in range(block * BLOCK, min(block * BLOCK + BLOCK, n), CHUNK):
+            hi = min(lo + CHUNK, n)
+            for i in range(hi - lo):
+                wide[i] = np.uint32(tau_star[lo + i]) << 16
+            _span_bf16(out[lo:hi], theta0[lo:hi], ta[:hi - lo], packed[lo >> 3:], scale, bits)
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _decouple_float(out, theta0, tau_star, packed, scale):
     """float32 or float64 weights; (m * tau_star) * scale is a float32 product, as torch computes it."""
     n = out.size
     for block in numba.prange((n + BLOCK - 1) // BLOCK):
@@ -249,26 +274,35 @@ def _decouple_float(out, theta0, tau_star, packed, lut, scale):
         hi = min(lo + BLOCK, n)
         o, weights, ta, bytes_ = out[lo:hi], theta0[lo:hi], tau_star[lo:hi], packed[lo >> 3:]
         for j in range((hi - lo) // 8):
-            row = lut[bytes_[j]]
+            byte = np.uint32(bytes_[j])
             for k in range(8):
-                o[8 * j + k] = weights[8 * j + k] + row[k] * ta[8 * j + k] * scale
+                i = 8 * j + k
+                o[i] = weights[i] + np.float32((byte >> np.uint32(k)) & np.uint32(1)) * ta[i] * scale
         for i in range((hi - lo) // 8 * 8, hi - lo):
-            o[i] = weights[i] + lut[bytes_[i >> 3], i & 7] * ta[i] * scale
+            o[i] = weights[i] + np.float32((np.uint32(bytes_[i >> 3]) >> np.uint32(i & 7)) & np.uint32(1)) * ta[i] * scale
+
+
+def _kernel(out: Tensor, theta0: Tensor, tau_star: Tensor, packed: Tensor):
+    """The kernel for these dtypes and layouts, or None."""
+    if theta0.dtype != out.dtype or not _fusable(out, theta0, tau_star, packed):
+        return None
+    if out.dtype == torch.bfloat16:
+        return {torch.float32: _decouple_bf16, torch.bfloat16: _decouple_bf16_half_tau}.get(tau_star.dtype)
+    return _decouple_float if out.dtype in (torch.float32, torch.float64) and tau_star.dtype == torch.float32 else None
 
 
 def decouple_into(out: Tensor, theta0: Tensor, tau_star: Tensor, packed: Tensor | None, scale: float = 1.0) -> None:
     """out <- merging.decouple(theta0, unpack_mask(packed), tau_star, scale), bit for bit, with no temporaries;
     packed None is the all-ones mask (theta0 + scale * tau_star)."""
-    if packed is None:
-        packed = torch.full((math.ceil(out.numel() / 8),), 255, dtype=torch.uint8)
     n = out.numel()
+    if packed is None:
+        packed = torch.full((math.ceil(n / 8),), 255, dtype=torch.uint8)
     if theta0.numel() != n or tau_star.numel() != n or packed.numel() != math.ceil(n / 8):
         raise ValueError(f"decouple_into: {n} weights, {theta0.numel()} in theta0, {tau_star.numel()} in tau_star, "
                          f"{packed.numel()} mask bytes (want {math.ceil(n / 8)})")
-    if (out.dtype not in (torch.bfloat16, torch.float32, torch.float64) or theta0.dtype != out.dtype
-            or tau_star.dtype != torch.float32 or not _fusable(out, theta0, tau_star, packed)):
+    kernel = _kernel(out, theta0, tau_star, packed)
+    if kernel is None:
         mask = merging.unpack_mask(packed, out.shape)
         out.copy_(merging.decouple(theta0.reshape(out.shape), mask, tau_star.reshape(out.shape), scale))
         return
-    kernel = _decouple_bf16 if out.dtype == torch.bfloat16 else _decouple_float
-    kernel(_bits(out), _bits(theta0), _bits(tau_star), packed.numpy(), _BITS_LUT, np.float32(scale))
+    kernel(_bits(out), _bits(theta0), _bits(tau_star), packed.numpy(), np.float32(scale))

@@ -246,9 +246,10 @@ def mmer(
 
 def decouple(theta0: Tensor, mask: Tensor, tau_star: Tensor, scale: float = 1.0) -> Tensor:
     """theta_hat_i = theta0 + (m_i * tau_star) * r_i, summed in float32 (float64 for float64 weights), in
-    theta0's dtype; r_i = 1 but for rescaling mask rules (EMR)."""
+    theta0's dtype; r_i = 1 but for rescaling mask rules (EMR). A bfloat16 tau_star is widened to float32
+    first: the same float32 product as a float32 one."""
     wide = torch.promote_types(theta0.dtype, torch.float32)
-    delta = mask * tau_star
+    delta = mask * tau_star.to(torch.promote_types(tau_star.dtype, torch.float32))
     return (theta0.to(wide) + (delta if scale == 1.0 else delta * torch.tensor(scale, dtype=delta.dtype))).to(theta0.dtype)
 
 

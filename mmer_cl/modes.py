@@ -83,7 +83,7 @@ class Compact:
 
         def read(name, start, stop, out):
             mask = merging.unpack_mask(masks.read(name, start // 8, math.ceil(stop / 8)), (stop - start,))
-            delta = mask * tau_star.read(name, start, stop) / alpha
+            delta = mask * tau_star.read(name, start, stop).float() / alpha
             delta = delta if scale == 1.0 else delta * scale
             return delta if out is None else out.copy_(delta)
         return read

@@ -221,7 +221,7 @@ class Rebuild:
                 step = rows[t:t + 1] if merged is None else torch.stack([merged, rows[t]])
                 merged = self._call(step, self._step_thresholds(step), name, shape)
             return merged
-        step = rows[-1:] if self.tau_star_old is None else torch.stack([self.tau_star_old.read(name, start, stop), rows[-1]])
+        step = rows[-1:] if self.tau_star_old is None else torch.stack([self.tau_star_old.read(name, start, stop).float(), rows[-1]])
         return self._call(step, self._step_thresholds(step), name, shape)
 
     def _step_thresholds(self, rows: Tensor):
@@ -252,7 +252,9 @@ class Rebuild:
     def _open_writers(self, gen_dir: Path) -> None:
         shard_bytes = self.manifest["shard_bytes"]
         self.plan_f32 = [(n, torch.float32, self.base.info[n].shape) for n in self.base.names]
-        self.tau_star_writer = PlannedWriter(gen_dir, "tau_star", shard_bytes, self.plan_f32)
+        self.tau_dtypes = {n: self._tau_dtype(n) for n in self.base.names}
+        tau_plan = [(n, self.tau_dtypes[n], self.base.info[n].shape) for n in self.base.names]
+        self.tau_star_writer = PlannedWriter(gen_dir, "tau_star", shard_bytes, tau_plan)
         mask_plan = [(n, torch.uint8, (math.ceil(self.base.info[n].numel / 8),)) for n in self.base.names]
         self.mask_writers = [PlannedWriter(gen_dir, f"mask.{i:03d}", shard_bytes, mask_plan)
                              for i in range(len(self.tasks))] if self.rule.fn is not None else []
@@ -262,15 +264,21 @@ class Rebuild:
             self.staged.append(self.task_stage)
             self.vector_writer = self.mode.writer(self.task_stage, self.plan_f32, shard_bytes)
 
+    def _tau_dtype(self, name: str) -> torch.dtype:
+        dtype = self.base.info[name].dtype
+        return dtype if self.settings.tau_dtype == "weights" and dtype.is_floating_point else torch.float32
+
     def _write(self, name: str, start: int, stop: int, result, bar) -> None:
         tau_star, packed, masks, taus, thresholds = result
         self.found[name] = thresholds
+        stored = tau_star.to(self.tau_dtypes[name])
+        tau_star = stored.float()  # what a reader will get: the statistics below are of it
         if not bool(torch.isfinite(tau_star).all()):
             raise StateError(f"tensor '{name}': the merged vector tau_star has NaN or Inf entries "
                              f"(settings {self.settings}); nothing was written")
         numel = self.base.info[name].numel
         if stop > start:  # a tensor with no elements has no chunk to write
-            self.tau_star_writer.write(name, tau_star)
+            self.tau_star_writer.write(name, stored)
             for writer, p in zip(self.mask_writers, packed if packed is not None else []):
                 writer.write(name, p)
         self.tau_star_sq += float(torch.dot(tau_star, tau_star))

@@ -7,6 +7,7 @@ from mmer_cl import merging, modes
 from mmer_cl.store import StateError
 
 TRIMS = ("tensor", "global")
+TAU_DTYPES = ("float32", "weights")
 FIXED = ("mode", "trim")  # settings a state keeps for life
 
 
@@ -17,6 +18,9 @@ class Settings:
     mode: exact | sparse | compact; merge, mask_rule: names in merging.MERGES and merging.MASK_RULES;
     k: TIES's trim fraction, per "tensor" or "global" (trim); alpha: the scale of tau_star; p: DARE's drop
     probability; energy: OPCM's singular-value fraction; seed: the draws of DARE and of random masks.
+    tau_dtype: how tau_star is stored, "float32" or "weights" (each tensor in its base's floating dtype:
+    half the bytes beside bfloat16 weights, for a switch that reads less; tau_star is rounded once, as
+    written, and everything after, masks' statistics included, uses the rounded values).
     """
 
     mode: str = "exact"
@@ -28,6 +32,7 @@ class Settings:
     p: float = 0.5
     energy: float = 0.5
     seed: int = 0
+    tau_dtype: str = "float32"
 
     def check(self) -> "Settings":
         """Every value known, finite and in range, and a mode that can keep what the merge needs."""
@@ -48,7 +53,7 @@ class Settings:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise StateError(f"{field} must be a number, got {value!r}")
         for field, known in (("mode", modes.NAMES), ("merge", merging.MERGES), ("mask_rule", merging.MASK_RULES),
-                             ("trim", TRIMS)):
+                             ("trim", TRIMS), ("tau_dtype", TAU_DTYPES)):
             if getattr(self, field) not in known:
                 raise StateError(f"{field} must be one of {sorted(known)}, got {getattr(self, field)!r}")
         for field, low, high, closed in (("k", 0.0, 1.0, "(]"), ("p", 0.0, 1.0, "[)"), ("energy", 0.0, 1.0, "[]")):

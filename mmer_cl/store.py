@@ -2,7 +2,8 @@
 
 Layout (paths relative to the state folder):
     manifest.json                     format version, base reference, settings, tasks in order, sha256 per file
-    g000003/tau_star*.safetensors     tau_star (float32) of generation 3, sharded like the input
+    g000003/tau_star*.safetensors     tau_star of generation 3 (float32, or the weights' dtype: Settings.tau_dtype),
+                                      sharded like the input
     g000003/mask.001*.safetensors     task 1's mask, bit-packed (merging.pack_mask), flat uint8 per tensor
     tasks/001-audio/vector*.safetensors    exact mode: tau_i (float32); sparse mode: `<name>::index` (int64 flat
                                            indices, ascending) and `<name>::value` (float32) of trim_k(tau_i)

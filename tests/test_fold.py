@@ -135,7 +135,7 @@ def test_export_loads_and_switching_is_in_place(llamas, tmp_path):
     assert all(torch.equal(weights[n], expected[1][n]) for n in base)
     pointers = {n: t.data_ptr() for n, t in weights.items()}
     switcher = decoupled.TaskSwitcher(model, tmp_path / "s")
-    for task in (2, 0, 1, 0):  # the first switch writes all, the next ones only where masks differ
+    for task in (2, 0, 1, 0):
         switcher.switch(f"task{task}")
         weights = model.state_dict()
         assert all(torch.equal(weights[n], expected[task][n]) for n in base)

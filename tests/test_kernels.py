@@ -45,7 +45,9 @@ def test_mmer_packed_refuses_a_wrong_number_of_thresholds():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
 @pytest.mark.parametrize("scale", [1.0, 0.3])
-def test_decouple_into_is_decouple_bit_for_bit(dtype, scale):
+@pytest.mark.parametrize("tau_dtype", ["float32", "weights"])
+def test_decouple_into_is_decouple_bit_for_bit(dtype, scale, tau_dtype):
+    """A tau_star stored in the weights' dtype gives the bits of its exact float32 widening."""
     generator = torch.Generator().manual_seed(0)
     theta0 = (torch.randn(N, generator=generator) * 0.02).to(dtype)
     tau_star = torch.randn(N, generator=generator) * 0.002
@@ -54,9 +56,13 @@ def test_decouple_into_is_decouple_bit_for_bit(dtype, scale):
     tau_star[64:96] = 2.0 ** -9  # 1 + 2^-9 is a bfloat16 rounding tie
     theta0[64:96] = 1.0
     mask = torch.rand(N, generator=generator) < 0.5
+    if tau_dtype == "weights":
+        tau_star = tau_star.to(dtype)
     out = torch.full((N,), 7.0, dtype=dtype)
     kernels.decouple_into(out, theta0, tau_star, merging.pack_mask(mask), scale)
     assert same_bits(out, merging.decouple(theta0, mask, tau_star, scale))
+    if dtype == torch.bfloat16:
+        assert same_bits(out, merging.decouple(theta0, mask, tau_star.float(), scale))
 
 
 def test_decouple_without_a_mask_is_theta0_plus_the_scaled_tau_star():
