@@ -195,24 +195,27 @@ def model_files(folder: Path) -> list[Path]:
 
 
 def copy_bound(inputs: list[Path], write_bytes: int, scratch: Path) -> float:
-    """Seconds to read every input file and write `write_bytes` bytes with fsync: plain I/O, no compute."""
+    """Seconds to read every input file and write `write_bytes` bytes with fsync: plain I/O, no compute. The
+    bytes go to files of at most 1 GiB, each removed once synced, so that a 7B run needs no room for them."""
     buffer = bytearray(16 << 20)
     start = time.perf_counter()
     for path in inputs:
         with open(path, "rb", buffering=0) as f:
             while f.readinto(buffer):
                 pass
-    with open(scratch, "wb") as f:
-        left = write_bytes
-        while left > 0:
-            n = min(left, len(buffer))
-            f.write(memoryview(buffer)[:n])
-            left -= n
-        f.flush()
-        os.fsync(f.fileno())
-    elapsed = time.perf_counter() - start
-    scratch.unlink()
-    return elapsed
+    left = write_bytes
+    while left > 0:
+        with open(scratch, "wb") as f:
+            for _ in range(64):  # 64 x 16 MiB
+                n = min(left, len(buffer))
+                f.write(memoryview(buffer)[:n])
+                left -= n
+                if not left:
+                    break
+            f.flush()
+            os.fsync(f.fileno())
+        scratch.unlink()
+    return time.perf_counter() - start
 
 
 def mergekit_ties(mergekit: Path | None, base: Path, models: list[Path], dtype: str, out: Path):
@@ -398,19 +401,23 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def check_disk(work: Path, sizes, dtypes, tasks, lean: bool) -> None:
+def check_disk(work: Path, args) -> None:
     """Refuses to start a run whose checkpoints and state would not fit on the work folder's disk."""
     work.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(work).free
-    for size in sizes:
-        for dtype in dtypes:
+    free, T = shutil.disk_usage(work).free, max(args.tasks)
+    for size in args.sizes:
+        for dtype in args.dtypes:
             weights = sum(math.prod(shape) for _, shape in llama_tensors(SIZES[size])) * DTYPES[dtype].itemsize
-            # models on disk; two generations of tau_star (float32 at most) and masks while a fold commits
-            models = (3 if lean else 1 + max(tasks)) * weights
-            need = models + 2 * weights * 4 // DTYPES[dtype].itemsize
+            tau = weights * (4 // DTYPES[dtype].itemsize if "float32" in args.tau_dtypes else 1)
+            # a fold: the models on disk, the old and the new generation (tau_star, masks); exact mode keeps a
+            # float32 vector per task, the new one written beside the old ones
+            state = 2 * tau + (T * weights * 4 // DTYPES[dtype].itemsize if args.mode == "exact" else 0)
+            models = (2 if args.lean_disk else 1 + T) * weights
+            merge = (2 + T) * weights + (0 if args.lean_disk else state)  # mergekit writes one more model
+            need = max(models + state, merge)
             if need > free:
                 raise SystemExit(f"{size} {dtype}: about {need / 1e9:.0f} GB needed in {work}, {free / 1e9:.0f} GB free"
-                                 + ("" if lean else "; --lean-disk needs less"))
+                                 + ("" if args.lean_disk else "; --lean-disk needs less"))
 
 
 def main(argv=None) -> int:
@@ -432,7 +439,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.lean_disk and len(args.tasks) > 1:
         parser.error("--lean-disk deletes the state after its one measured fold: give one --tasks value")
-    check_disk(args.work, args.sizes, args.dtypes, args.tasks, args.lean_disk)
+    check_disk(args.work, args)
     notes = []
     mergekit = args.mergekit if args.mergekit.is_file() else None
     if mergekit is None:
