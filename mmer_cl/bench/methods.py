@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from mmer_cl import analysis, experts, fold, metrics, store
 from mmer_cl.bench.glue import (ExpertReplay, FineTuning, LearningCurve, SampleCorrectness, SaveModels, TaskRouter,
                                 avalanche_stream, optimizer_for)
-from mmer_cl.bench.registry import method
+from mmer_cl.bench.registry import method, stage
 from mmer_cl.bench.runfolder import Result, write_json_atomic
 from mmer_cl.checkpoints import Checkpoint
 from mmer_cl.decoupled import TaskSwitcher
@@ -59,6 +59,12 @@ def epochs_for(data, experience) -> int:
     return max(1, round(data.steps * data.batch_size / len(experience.dataset)))
 
 
+def refitting(state_dir: Path):
+    """Holds a state's writer lock while a method refits it and reads what the refit made: methods that share
+    the experts' state (Ray tasks side by side) take turns. Re-entrant, so fold.refit inside proceeds."""
+    return store.lock(state_dir, wait=float("inf"))
+
+
 def nan_matrix(T: int) -> np.ndarray:
     return np.full((T, T), np.nan)
 
@@ -91,6 +97,7 @@ def state_storage(state_dir: Path) -> dict:
 CURVE_POINTS = 10  # evaluations of each expert during its training, for its learning curve
 
 
+@stage("experts")
 def experts_folder(run, data) -> Path:
     """One expert per task, as Avalanche trains it (module docstring): `models/<t>/` the trained weights,
     `state/` their exact MMER state (theta0 and every task vector), `curves.json` each expert's validation and
@@ -179,7 +186,8 @@ def choose(run, data, name: str, state_dir: Path, settings: dict, grid: list[dic
             best["lam"] = {task_name(t): max(table, key=lambda row: row[f"val_{spec.name}"])["lam"]
                            for t, spec in enumerate(data.specs)}
         return {"choice": best, "grid": table}
-    return run.cached(data, f"grid_{name}", compute, settings=(settings, grid, per_task_lam))
+    with refitting(state_dir):
+        return run.cached(data, f"grid_{name}", compute, settings=(settings, grid, per_task_lam))
 
 
 def merging_method(run, data, name: str, settings: dict, grid: list[dict], *, models="full", per_task_lam=False) -> Result:
@@ -191,10 +199,11 @@ def merging_method(run, data, name: str, settings: dict, grid: list[dict], *, mo
     state_dir = run.dir / data.name / f"state-{name}"
     R, plugin, correctness = replay(data, models_dir, state_dir, {**settings, **point}, lam=lam)
     state = store.load(state_dir)
+    with refitting(exact):  # its task vectors, not being rewritten by another method's refit
+        errors = analysis.reconstruction_errors(state, store.load(exact))
     result = Result(R, state_storage(state_dir), {
         "hyper": chosen, "settings": state.manifest["settings"], "lam": [t["lam"] for t in state.tasks],
-        "fold_seconds": plugin.fold_seconds, **final_correct(correctness, data),
-        "reconstruction_error": analysis.reconstruction_errors(state, store.load(exact))})
+        "fold_seconds": plugin.fold_seconds, **final_correct(correctness, data), "reconstruction_error": errors})
     shutil.rmtree(state_dir)  # measured: a run keeps its experts, not every method's state (GBs each)
     return result
 
@@ -214,11 +223,14 @@ def grid(**axes) -> list[dict]:
     return [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
 
 
+MODELS_NEED = {"full": "experts", "naive": "naive", "lora": "lora_experts"}  # what models_and_state reuses
+
+
 def _register_merging():
     p = None  # the profile is read when the method runs
 
     def register(name, settings, axes, **options):
-        method(name, applies=options.pop("applies", None))(
+        method(name, applies=options.pop("applies", None), needs=(MODELS_NEED[options.get("models", "full")],))(
             lambda run, data: merging_method(run, data, name, settings(run) if callable(settings) else settings,
                                              grid(**axes(run.profile)), **options))
 
@@ -244,7 +256,7 @@ def _register_merging():
 _register_merging()
 
 
-@method("individual")
+@method("individual", needs=("experts",))
 def run_individual(run, data) -> Result:
     """Upper bound: task j's own expert, one full copy per task."""
     folder, model = experts_folder(run, data), new_model(data)
@@ -259,12 +271,17 @@ def run_individual(run, data) -> Result:
                   {"expert_accuracy": accs, "learning_curves": json.loads((folder / "curves.json").read_text())})
 
 
-@method("mmer_controls")
+@method("mmer_controls", needs=("experts",))
 def run_mmer_controls(run, data) -> dict:
     """Mask analyses and controls at MMER's chosen settings, all experts merged: MMER's masks against a random
     mask of the same effective density, the sign-agreement mask, and no mask (TIES)."""
-    settings = dict(merge="ties", mask_rule="mmer", mode="exact")
     state_dir = experts_folder(run, data) / "state"
+    with refitting(state_dir):
+        return mask_controls(run, data, state_dir)
+
+
+def mask_controls(run, data, state_dir: Path) -> dict:
+    settings = dict(merge="ties", mask_rule="mmer", mode="exact")
     p = run.profile
     choice = choose(run, data, "mmer_exact", state_dir, settings, grid(alpha=p.alphas, lam=p.lams))["choice"]
     model, alpha, lam = new_model(data), choice["alpha"], choice["lam"]
@@ -352,6 +369,7 @@ for _name in ("naive", "ewc", "lwf", "replay"):
     method(_name)(lambda run, data, _name=_name: avalanche_method(run, data, _name))
 
 
+@stage("lora_experts")
 def lora_experts(run, data) -> Path:
     """One PEFT LoRA adapter per task on the frozen base (experts.train_expert, mode lora): `adapters/<t>/`
     the adapter folders, `merged/<t>/` theta0 + (alpha/r) B A with the router's names."""
@@ -368,7 +386,7 @@ def lora_experts(run, data) -> Path:
     return run.artifact(data, "lora-experts", build)
 
 
-@method("lora", applies=lambda data: data.new_model is None)
+@method("lora", applies=lambda data: data.new_model is None, needs=("lora_experts",))
 def run_lora(run, data) -> Result:
     """One LoRA adapter per task, routed by task; storage = the adapters' own bytes."""
     folder = lora_experts(run, data)
@@ -404,7 +422,7 @@ def run_joint(run, data) -> Result:
     return Result(R, metrics.storage(base=base, private=private))
 
 
-ROUTED = dict(applies=lambda data: len(data.specs) > 1 and len({s.modality for s in data.specs}) == 1)
+ROUTED = dict(applies=lambda data: len(data.specs) > 1 and len({s.modality for s in data.specs}) == 1, needs=("experts",))
 
 
 def routed(run, data, name: str, router) -> Result:
@@ -441,7 +459,7 @@ def run_mmer_routed_entropy(run, data) -> Result:
     return routed(run, data, "mmer_routed_entropy", entropy_router)
 
 
-@method("forgetting", applies=lambda data: "forgetting" in (data.methods or ()))
+@method("forgetting", applies=lambda data: "forgetting" in (data.methods or ()), needs=("naive",))
 def run_forgetting(run, data) -> dict:
     """Task A fine-tuned from theta0, then further on task B from there (Naive's sequential models), against
     MMER over tau_A = theta_A - theta0 and tau_B = theta_B - theta0, alpha and lam chosen on validation:
@@ -453,9 +471,10 @@ def run_forgetting(run, data) -> dict:
     choice = choose(run, data, "mmer", exact, settings, grid(alpha=p.alphas, lam=p.lams))
     point = dict(choice["choice"])
     lam = point.pop("lam")
-    fold.refit(exact, lams=lam, **{k: v for k, v in settings.items() if k != "mode"}, **point)
-    model, (old, new) = new_model(data), data.specs
-    mmer = score_state(model, exact, data, data.test)
+    with refitting(exact):
+        fold.refit(exact, lams=lam, **{k: v for k, v in settings.items() if k != "mode"}, **point)
+        model, (old, new) = new_model(data), data.specs
+        mmer = score_state(model, exact, data, data.test)
     rows = []
     for label, t in (("A: fine-tuned on the old task", 0), ("B: then further on the new task (sequential)", 1)):
         model.load_state_dict(load_weights(models / str(t)), strict=False)
