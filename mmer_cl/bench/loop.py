@@ -72,11 +72,13 @@ def plan(profile: Profile, streams, methods, seeds) -> list[tuple]:
 
 
 def run(profile: Profile, streams=None, methods=None, seed: int | None = None, out="results", cache=None,
-        command: str | None = None, progress: bool = True, threads: int | None = None, cluster=None) -> dict:
+        command: str | None = None, progress: bool = True, threads: int | None = None, cluster=None,
+        device: str = "cpu") -> dict:
     """Runs (or resumes) the methods on every stream, for `seed` or else every seed of the profile, and writes
     the tables and plots to `out` (the first seed's, and the spread over seeds); returns {stream: {method:
     result}} of the first seed. threads: torch's threads per method (its default when None); results depend
-    on it (floating-point sums), so compare runs at one count. cluster: an on_ray.Cluster to run on as Ray tasks."""
+    on it (floating-point sums), so compare runs at one count. cluster: an on_ray.Cluster to run on as Ray tasks.
+    device: where experts, baselines and evaluations run (folds and switches stay on the CPU)."""
     prov = report.provenance(command)  # the code as the run starts
     start = time.perf_counter()
     cache = Path(cache or os.environ.get("MMER_CL_CACHE") or Path.home() / ".cache" / "mmer_cl" / "runs")
@@ -85,17 +87,17 @@ def run(profile: Profile, streams=None, methods=None, seed: int | None = None, o
         names = [registry.resolve_stream(name) for name in (streams or DEFAULT_STREAMS)]
         steps = plan(profile, names, methods, [seed] if seed is not None else list(profile.seeds))
         if cluster is not None:
-            cluster.run(steps, profile, cache, threads or 1, progress)
+            cluster.run(steps, profile, cache, threads or 1, progress, device)
     by_seed, streams_data = {}, {}
     with torch_threads(threads if cluster is None else None):
         for s, _, data, chosen in steps:
-            bench = Run(profile, s, cache, progress=progress)
+            bench = Run(profile, s, cache, progress=progress, device=device)
             streams_data[data.name] = data
             for method in tqdm(chosen, desc=f"{data.name}, seed {s}: methods", disable=not progress or cluster is not None):
                 by_seed.setdefault(s, {}).setdefault(data.name, {})[method] = run_step(bench, data, method)
     first = next(iter(by_seed))
     tables.write_outputs(Path(out), prov, profile, by_seed, streams_data, time.perf_counter() - start,
-                         Run(profile, first, cache, progress=False))
+                         Run(profile, first, cache, progress=False, device=device))
     return by_seed[first]
 
 
@@ -119,6 +121,16 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message="No loggers specified")
 
 
+def resolve_device(name: str) -> str:
+    """auto: cuda when torch sees a CUDA device, else cpu; cuda without one is an error that says so."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device cuda: torch {torch.__version__} sees no CUDA device (torch.cuda.is_available() "
+                         f"is False); use --device cpu or auto")
+    return name
+
+
 def cli_run(args) -> int:
     """`mmer-cl run`."""
     quiet_libraries()
@@ -133,7 +145,7 @@ def cli_run(args) -> int:
 
         cluster = on_ray.Cluster(args.ray, args.ray_workers)
     results = run(profile, streams=streams, methods=methods, seed=args.seed, out=args.out, cache=args.cache,
-                  threads=args.threads, cluster=cluster)
+                  threads=args.threads, cluster=cluster, device=resolve_device(args.device))
     print(tables.console_summary(results))
     print(f"results written to {args.out}/ (start with SUMMARY.md)")
     return 0

@@ -37,8 +37,8 @@ ACCURACY = "Top1_Acc_Exp/eval_phase/test_stream/Task{t:03d}/Exp{t:03d}"
 # ---- shared pieces ----------------------------------------------------------------------------------
 
 
-def new_model(data) -> TaskRouter:
-    return TaskRouter(data.model(), data.specs)
+def new_model(data, device: str = "cpu") -> TaskRouter:
+    return TaskRouter(data.model(), data.specs).to(device)
 
 
 def shared_of(data):
@@ -104,12 +104,12 @@ def experts_folder(run, data) -> Path:
     test accuracy on its own task during its training (glue.LearningCurve)."""
     def build(folder: Path):
         torch.manual_seed(run.seed)
-        model = new_model(data)
+        model = new_model(data, run.device)
         curve = LearningCurve(lambda t, split: evaluate(model, getattr(data, split)[data.specs[t].name], data.specs[t]),
                               every=max(1, data.steps // CURVE_POINTS))
         plugins = [FineTuning(), curve, SaveModels(folder / "models"),
                    MMERPlugin(folder / "state", mode="exact", shared=shared_of(data))]
-        strategy = _naive(model, data, plugins)
+        strategy = _naive(model, data, plugins, device=run.device)
         for experience in tqdm(avalanche_stream(data.specs, data.train, data.test).train_stream,
                                desc=f"{data.name}: experts", disable=not run.progress):
             strategy.train_epochs = epochs_for(data, experience)
@@ -127,22 +127,23 @@ def _naive(model, data, plugins, strategy=None, **kwargs):
 
 def exact_state_of(run, data, models: Path, name: str) -> Path:
     """An exact state of saved models (sequential fine-tunes, merged LoRA experts), for refits."""
-    return run.artifact(data, name, lambda folder: replay(data, models, folder / "state", dict(mode="exact"), evaluate_each=False))
+    return run.artifact(data, name, lambda folder: replay(data, models, folder / "state", dict(mode="exact"),
+                                                          evaluate_each=False, device=run.device))
 
 
 # ---- merging methods through MMERPlugin -------------------------------------------------------------
 
 
 def replay(data, models: Path, state_dir: Path, settings: dict, lam=1.0, evaluate_each: bool = True,
-           infer_task: bool = False, router=entropy_router):
+           infer_task: bool = False, router=entropy_router, device: str = "cpu"):
     """ExpertReplay + MMERPlugin over the saved models: (R, the plugin, per-sample correctness); R[t, j] is
     Avalanche's accuracy on task j after the fold of experience t. The router only matters with infer_task."""
     shutil.rmtree(state_dir, ignore_errors=True)
     plugin = MMERPlugin(state_dir, lam=lam, shared=shared_of(data), infer_task=infer_task, router=router, **settings)
     correctness = SampleCorrectness()
     evaluator = EvaluationPlugin(accuracy_metrics(experience=True), loggers=[])
-    strategy = ExpertReplay(model=new_model(data), load=lambda t: load_weights(models / str(t)),
-                            plugins=[plugin, correctness], evaluator=evaluator, eval_mb_size=128)
+    strategy = ExpertReplay(model=new_model(data, device), load=lambda t: load_weights(models / str(t)),
+                            plugins=[plugin, correctness], evaluator=evaluator, eval_mb_size=128, device=device)
     bm = avalanche_stream(data.specs, data.train, data.test)
     R = nan_matrix(len(data.specs))
     for t, experience in enumerate(bm.train_stream):
@@ -175,7 +176,7 @@ def choose(run, data, name: str, state_dir: Path, settings: dict, grid: list[dic
     refit = {k: v for k, v in settings.items() if k != "mode"}  # the experts' state is exact, whatever the method's
 
     def compute():
-        model, table = new_model(data), []
+        model, table = new_model(data, run.device), []
         for point in grid:
             lam = point.get("lam", 1.0)
             fold.refit(state_dir, lams=lam, **{**refit, **{k: v for k, v in point.items() if k != "lam"}})
@@ -197,7 +198,7 @@ def merging_method(run, data, name: str, settings: dict, grid: list[dict], *, mo
     point = dict(chosen["choice"])
     lam = point.pop("lam", 1.0)
     state_dir = run.dir / data.name / f"state-{name}"
-    R, plugin, correctness = replay(data, models_dir, state_dir, {**settings, **point}, lam=lam)
+    R, plugin, correctness = replay(data, models_dir, state_dir, {**settings, **point}, lam=lam, device=run.device)
     state = store.load(state_dir)
     with refitting(exact):  # its task vectors, not being rewritten by another method's refit
         errors = analysis.reconstruction_errors(state, store.load(exact))
@@ -259,7 +260,7 @@ _register_merging()
 @method("individual", needs=("experts",))
 def run_individual(run, data) -> Result:
     """Upper bound: task j's own expert, one full copy per task."""
-    folder, model = experts_folder(run, data), new_model(data)
+    folder, model = experts_folder(run, data), new_model(data, run.device)
     accs = []
     for t, spec in enumerate(data.specs):
         model.load_state_dict(load_weights(folder / "models" / str(t)), strict=False)
@@ -284,7 +285,7 @@ def mask_controls(run, data, state_dir: Path) -> dict:
     settings = dict(merge="ties", mask_rule="mmer", mode="exact")
     p = run.profile
     choice = choose(run, data, "mmer_exact", state_dir, settings, grid(alpha=p.alphas, lam=p.lams))["choice"]
-    model, alpha, lam = new_model(data), choice["alpha"], choice["lam"]
+    model, alpha, lam = new_model(data, run.device), choice["alpha"], choice["lam"]
     fold.refit(state_dir, lams=lam, alpha=alpha, **{k: v for k, v in settings.items() if k != "mode"})
     state = store.load(state_dir)
     densities = analysis.densities(state)
@@ -334,7 +335,7 @@ def train_baseline(run, data, name: str, options: dict) -> Result:
     from mmer_cl.bench import baselines
 
     torch.manual_seed(run.seed)
-    model = new_model(data)
+    model = new_model(data, run.device)
     correctness = SampleCorrectness()
     scale = {t: data.shared_lr_scale[spec.name] for t, spec in enumerate(data.specs) if spec.name in data.shared_lr_scale}
     plugins = [FineTuning(scale), correctness]
@@ -346,7 +347,7 @@ def train_baseline(run, data, name: str, options: dict) -> Result:
     evaluator = EvaluationPlugin(accuracy_metrics(experience=True), loggers=[])
     strategy = strategy_cls(model=model, optimizer=optimizer_for(model, shared_of(data)), criterion=nn.CrossEntropyLoss(),
                             train_mb_size=data.batch_size, eval_mb_size=128, plugins=plugins, evaluator=evaluator,
-                            **fixed, **options)
+                            device=run.device, **fixed, **options)
     bm = avalanche_stream(data.specs, data.train, data.test, val=data.val)
     R = nan_matrix(len(data.specs))
     for t, experience in enumerate(tqdm(bm.train_stream, desc=f"{data.name}/{name} {options}", disable=not run.progress)):
@@ -379,7 +380,7 @@ def lora_experts(run, data) -> Path:
         for t, spec in enumerate(data.specs):
             expert, _ = experts.train_expert(spec.name, spec.modality, (data.train[spec.name], data.val[spec.name]),
                                              mode="lora", steps=data.steps, seed=run.seed, batch_size=data.batch_size,
-                                             num_classes=spec.num_classes, progress=run.progress)
+                                             num_classes=spec.num_classes, progress=run.progress, device=run.device)
             expert.save_pretrained(folder / "adapters" / str(t))
             merged = models.merge_lora(expert).state_dict()
             checkpoints.save(folder / "merged" / str(t), {f"model.{n}": v for n, v in merged.items()})
@@ -390,7 +391,7 @@ def lora_experts(run, data) -> Path:
 def run_lora(run, data) -> Result:
     """One LoRA adapter per task, routed by task; storage = the adapters' own bytes."""
     folder = lora_experts(run, data)
-    model = new_model(data)
+    model = new_model(data, run.device)
     accs, adapters, private = [], 0, 0
     for t, spec in enumerate(data.specs):
         model.load_state_dict(load_weights(folder / "merged" / str(t)), strict=False)
@@ -410,7 +411,7 @@ def run_joint(run, data) -> Result:
     of R exists, so BWT and forgetting are not defined for it."""
     from mmer_cl.bench import baselines
 
-    model = data.model()
+    model = data.model().to(run.device)
     steps = data.steps * len(data.specs)
     with tqdm(total=steps, desc=f"{data.name}/joint", disable=not run.progress) as bar:
         baselines.train_joint(model, data.specs, data.train, steps=steps, batch_size=data.batch_size, seed=run.seed,
@@ -436,7 +437,7 @@ def routed(run, data, name: str, router) -> Result:
     lam = point.pop("lam", 1.0)
     state_dir = run.dir / data.name / f"state-{name}"
     R, plugin, correctness = replay(data, models_dir, state_dir, {**settings, **point}, lam=lam, infer_task=True,
-                                    router=router)
+                                    router=router, device=run.device)
     storage = state_storage(state_dir)
     shutil.rmtree(state_dir)
     confusion = [[0] * len(data.specs) for _ in data.specs]
@@ -473,7 +474,7 @@ def run_forgetting(run, data) -> dict:
     lam = point.pop("lam")
     with refitting(exact):
         fold.refit(exact, lams=lam, **{k: v for k, v in settings.items() if k != "mode"}, **point)
-        model, (old, new) = new_model(data), data.specs
+        model, (old, new) = new_model(data, run.device), data.specs
         mmer = score_state(model, exact, data, data.test)
     rows = []
     for label, t in (("A: fine-tuned on the old task", 0), ("B: then further on the new task (sequential)", 1)):

@@ -33,7 +33,8 @@ class TaskFailed(RuntimeError):
 class Cluster:
     """Where the tasks run. address None or "local": a new local Ray instance of `workers` CPUs (default: every
     core); "auto": the cluster already running on this machine (RAY_ADDRESS, else the latest `ray start`);
-    "HOST:PORT": that cluster's head. A task asks for `threads` CPUs and sets torch to as many threads."""
+    "HOST:PORT": that cluster's head. A task asks for `threads` CPUs and sets torch to as many threads, and for
+    one GPU when the methods run on cuda."""
 
     address: str | None = None
     workers: int | None = None
@@ -55,12 +56,12 @@ class Cluster:
     def __exit__(self, *exc) -> None:
         ray.shutdown()
 
-    def run(self, steps: list[tuple], profile, cache: Path, threads: int, progress: bool) -> None:
+    def run(self, steps: list[tuple], profile, cache: Path, threads: int, progress: bool, device: str) -> None:
         """Every method of `steps` (loop.plan), and what it needs, stored in the run folders under `cache`."""
         tasks, skipped = {}, 0
         for seed, stream, data, chosen in steps:
             submitted = {}
-            bench = Run(profile, seed, cache, progress=False)
+            bench = Run(profile, seed, cache, progress=False, device=device)
             for name in chosen:
                 skipped += self.submit(name, bench, _portable(stream), data, threads, submitted, tasks) is None
         wait(tasks, skipped, progress)
@@ -77,8 +78,9 @@ class Cluster:
             return None
         needs = [self.submit(need, bench, stream, data, threads, submitted, tasks) for need in (method.needs if method else ())]
         log = bench.log_path(data, name)
-        ref = run_step.options(num_cpus=threads).remote(stream, name, bench.profile, bench.seed, bench.cache,
-                                                        threads, log, *[r for r in needs if r is not None])
+        ref = run_step.options(num_cpus=threads, num_gpus=int(bench.device == "cuda")).remote(
+            stream, name, bench.profile, bench.seed, bench.cache, bench.device, threads, log,
+            *[ref for ref in needs if ref is not None])
         tasks[ref] = (f"{data.name}, seed {bench.seed}, {name}", log)
         submitted[name] = ref
         return ref
@@ -126,7 +128,8 @@ _DATA: dict = {}  # (stream, profile, seed) -> its data, built once per worker p
 
 
 @ray.remote(max_retries=0)
-def run_step(stream: str, name: str, profile, seed: int, cache: Path, threads: int, log: Path, *needs) -> None:
+def run_step(stream: str, name: str, profile, seed: int, cache: Path, device: str, threads: int, log: Path,
+             *needs) -> None:
     """loop.run_step in a Ray worker, its output in `log`; `needs` are the finished tasks it waited for."""
     import torch
 
@@ -136,13 +139,13 @@ def run_step(stream: str, name: str, profile, seed: int, cache: Path, threads: i
     torch.set_num_threads(threads)
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w", buffering=1) as out, redirect_stdout(out), redirect_stderr(out):
-        print(f"{name} on {stream}, seed {seed}, {threads} threads, in {socket.gethostname()} pid {os.getpid()}")
+        print(f"{name} on {stream}, seed {seed}, {threads} threads, {device}, in {socket.gethostname()} pid {os.getpid()}")
         start = time.perf_counter()
         try:
             key = (stream, profile, seed)
             if key not in _DATA:
                 _DATA[key] = loop.stream_data(stream, profile, seed)
-            loop.run_step(Run(profile, seed, cache), _DATA[key], name)
+            loop.run_step(Run(profile, seed, cache, device=device), _DATA[key], name)
         except BaseException:
             traceback.print_exc(file=sys.stderr)
             raise

@@ -96,15 +96,16 @@ def _rss_mb() -> float:
 class Run:
     """One (profile, seed) run folder (module docstring)."""
 
-    def __init__(self, profile: Profile, seed: int, cache: Path, progress: bool = True):
+    def __init__(self, profile: Profile, seed: int, cache: Path, progress: bool = True, device: str = "cpu"):
         self.profile, self.seed, self.progress, self.cache = profile, seed, progress, Path(cache)
+        self.device = device  # where methods train and evaluate; CPU results keep the keys they always had
         self.dir = Path(cache) / f"{profile.name}-{profile.key()}" / f"seed{seed}"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.memo: dict = {}  # things computed once per process (experts loaded in memory)
 
     def key(self, data, name: str, settings=None) -> str:
-        return digest(self.profile.key(), self.seed, data.name, getattr(data, "fingerprint", ""), name, settings,
-                      RESULTS_VERSION)
+        parts = (self.profile.key(), self.seed, data.name, getattr(data, "fingerprint", ""), name, settings, RESULTS_VERSION)
+        return digest(*parts) if self.device == "cpu" else digest(*parts, self.device)
 
     def stored(self, data, name: str, settings=None) -> dict | None:
         """The stored result of `name` on `data` if its key matches, else None."""
