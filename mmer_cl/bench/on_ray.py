@@ -76,7 +76,8 @@ class Cluster:
         if method is not None and bench.stored(data, name) is not None:
             submitted[name] = None
             return None
-        needs = [self.submit(need, bench, stream, data, threads, submitted, tasks) for need in (method.needs if method else ())]
+        needs = [self.submit(need, bench, stream, data, threads, submitted, tasks)
+                 for need in (method.needs if method else ())]
         log = bench.log_path(data, name)
         ref = run_step.options(num_cpus=threads, num_gpus=int(bench.device == "cuda")).remote(
             stream, name, bench.profile, bench.seed, bench.cache, bench.device, threads, log,

@@ -2,9 +2,9 @@
 
 A stream is fn(profile, seed) -> StreamData; a method is fn(run, data) -> Result; a stage is fn(run, data), work
 that several methods share (the experts), which they name in `needs` so that a scheduler (Ray) builds it once,
-before them. Each registers itself with `@stream(name)`, `@method(name)` or `@stage(name)`; `mmer-cl run --stream my_module:my_stream` imports a stream of the user's
-own. Built-in ones are listed here with one line each, so that `mmer-cl run --help` names them without
-importing what defines them.
+before them. Each registers itself with `@stream(name)`, `@method(name)` or `@stage(name)`;
+`mmer-cl run --stream my_module:my_stream` imports a stream of the user's own. Built-in ones are listed here
+with one line each, so that `mmer-cl run --help` names them without importing what defines them.
 """
 
 import importlib
