@@ -121,6 +121,14 @@ def _run_command(p) -> None:
     p.add_argument("--seed", type=int, help="one seed (default: every seed of the profile)")
     p.add_argument("--out", default="results", help="folder for tables and plots (default: results)")
     p.add_argument("--cache", help="where run folders live (default: $MMER_CL_CACHE or ~/.cache/mmer_cl/runs)")
+    p.add_argument("--threads", type=int, help="torch threads per method, and with --ray the CPUs each task asks "
+                                            "for (default: torch's own; with --ray 1); results depend on it")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where experts, baselines and evaluations run: auto (default) is cuda when torch sees one")
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="run as Ray tasks: alone (or 'local') on a new local Ray instance; 'auto' joins the cluster "
+                        "running on this machine; HOST:PORT joins that cluster's head")
+    p.add_argument("--ray-workers", type=int, metavar="N", help="CPUs of the local Ray instance (default: every core)")
 
 
 def _prefix_map(values):

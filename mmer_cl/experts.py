@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -85,7 +85,7 @@ def train_expert(task: str, modality: str, splits, *, mode: str = "full", steps:
                  epochs: float | None = None, batch_size: int = 64, lr: float | None = None,
                  backbone_lr: float | None = None, seed: int = 0, time_budget: float | None = None,
                  lora_r: int = 8, lora_alpha: int = 16, num_classes: int | None = None, init=None,
-                 progress: bool = True):
+                 progress: bool = True, device: str = "cpu"):
     """Fine-tunes `task`'s expert from theta_0 (or from the full model folder `init`, adding `task`'s private
     modules if it lacks them) on the training split of `splits` (a data.Splits or a (train, val) tuple).
 
@@ -112,6 +112,7 @@ def train_expert(task: str, modality: str, splits, *, mode: str = "full", steps:
     model = _start_model(task, modality, num_classes, input_shape, seed, init)
     if mode == "lora":
         model = models.lora_model(model, r=lora_r, lora_alpha=lora_alpha)
+    model.to(device)
     loader = _loader(train, batch_size, seed, shuffle=True)
     total = steps if steps is not None else max(1, math.ceil((epochs or 1.0) * len(loader)))
     optimizer = torch.optim.AdamW(param_groups(model, lr, backbone_lr), weight_decay=0.0)
@@ -149,7 +150,8 @@ def _fit(model, task: str, loader, optimizer, scheduler, total: int, time_budget
     with tqdm(total=total, desc=progress, unit="step", disable=progress is None) as bar:
         while len(losses) < total:
             for batch in loader:
-                loss = nn.functional.cross_entropy(model(batch[0], task=task), torch.as_tensor(batch[1]))
+                x, y = to_device(batch, model)
+                loss = nn.functional.cross_entropy(model(x, task=task), y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
@@ -166,6 +168,12 @@ def _fit(model, task: str, loader, optimizer, scheduler, total: int, time_budget
 
 
 @torch.no_grad()
+def to_device(batch, model: nn.Module) -> tuple[Tensor, Tensor]:
+    """A batch's inputs and labels on the device of the model's parameters."""
+    device = next(model.parameters()).device
+    return torch.as_tensor(batch[0]).to(device), torch.as_tensor(batch[1]).to(device)
+
+
 def evaluate(model: nn.Module, dataset, task: str, batch_size: int = 256, progress: bool = False) -> float:
     """Top-1 accuracy of model(x, task) on `dataset`; the model's train/eval mode is restored afterwards."""
     if len(dataset) == 0:
@@ -174,8 +182,8 @@ def evaluate(model: nn.Module, dataset, task: str, batch_size: int = 256, progre
     model.eval()
     correct = 0
     for batch in tqdm(_loader(dataset, batch_size, 0, shuffle=False), desc=f"eval {task}", disable=not progress):
-        logits = model(batch[0], task=task)
-        correct += int((logits.argmax(dim=1) == torch.as_tensor(batch[1])).sum())
+        x, y = to_device(batch, model)
+        correct += int((model(x, task=task).argmax(dim=1) == y).sum())
     model.train(was_training)
     return correct / len(dataset)
 

@@ -121,7 +121,8 @@ class MMERPlugin(SupervisedPlugin):
                 "experience": int(experience.current_experience)}
         lam = self.lam.get(task["name"], 1.0) if isinstance(self.lam, dict) else self.lam
         start = time.perf_counter()
-        fold.fold(self.state_dir, {**{n: state[n] for n in self.theta0}, **changed}, task["name"],
+        on_cpu = {n: t.cpu() for n, t in {**{n: state[n] for n in self.theta0}, **changed}.items()}  # a no-op on CPU
+        fold.fold(self.state_dir, on_cpu, task["name"],
                   base=self.state_dir / "theta0", lam=lam, meta={"task_label": task["label"],
                   "experience": task["experience"]}, progress=self.progress, allow_extra=True,
                   **dataclasses.asdict(self.settings))

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from mmer_cl import experts
 from mmer_cl.bench.glue import TaskSpec, optimizer_for
 
 # Avalanche baselines' settings: common defaults from the Avalanche examples and papers, used as they are
@@ -53,8 +54,8 @@ def train_joint(model: nn.Module, specs: Sequence[TaskSpec], train_sets: Mapping
     model.train()
     for step in range(steps):
         spec = specs[step % len(specs)]
-        x, y = next(loaders[spec.name])[:2]
-        loss = nn.functional.cross_entropy(model(x, task=spec.name), torch.as_tensor(y))
+        x, y = experts.to_device(next(loaders[spec.name]), model)
+        loss = nn.functional.cross_entropy(model(x, task=spec.name), y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

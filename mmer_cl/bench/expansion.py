@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from mmer_cl import analysis, decoupled, expansion, fold, store
-from mmer_cl.bench.methods import experts_folder, grid, load_weights, new_model, task_name
+from mmer_cl.bench.methods import experts_folder, grid, load_weights, new_model, refitting, task_name
 from mmer_cl.bench.registry import method
 from mmer_cl.bench.streams import DEGRADATION
 
@@ -137,7 +137,7 @@ def fusion_scores(logprobs: dict, data, split: str) -> dict:
     return out
 
 
-@method("expansion", applies=lambda data: bool(getattr(data, "mixed", None)))
+@method("expansion", applies=lambda data: bool(getattr(data, "mixed", None)), needs=("experts",))
 def run_expansion(run, data) -> dict:
     """Mixed-input accuracy of every candidate and baseline (module docstring), each chosen on validation."""
     folder = experts_folder(run, data)
@@ -147,9 +147,10 @@ def run_expansion(run, data) -> dict:
     names = [spec.name for spec in data.specs]
     combos = {c: [names.index(task) for task in m.tasks] for c, m in data.mixed["val"].items()}
     val, test = Scorer(model, data, "val"), Scorer(model, data, "test")
-    results = choose_mmer(run, val, test, state_dir, tasks, combos)
-    sizes = analysis.storage_bytes(store.load(state_dir))  # an MMER state, masks and all
-    results.update(merge_baselines(run, val, test, state_dir, tasks))
+    with refitting(state_dir):
+        results = choose_mmer(run, val, test, state_dir, tasks, combos)
+        sizes = analysis.storage_bytes(store.load(state_dir))  # an MMER state, masks and all
+        results.update(merge_baselines(run, val, test, state_dir, tasks))
     singles = {split: fusion_scores(single_experts(model, data, models_dir, split), data, split)
                for split in ("val", "test")}
     for name, correct in singles["test"].items():

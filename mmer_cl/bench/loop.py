@@ -1,6 +1,7 @@
 """The benchmark's run loop and `mmer-cl run`: every stream, every method that applies to it, resumable,
 then the tables and plots (tables.py) and the summary printed."""
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -38,48 +39,113 @@ def _applies(name: str, data) -> bool:
     return applies is None or bool(applies(data))
 
 
-def run(profile: Profile, streams=None, methods=None, seed: int | None = None, out="results", cache=None,
-        command: str | None = None, progress: bool = True) -> dict:
-    """Runs (or resumes) the methods on every stream, for `seed` or else every seed of the profile, and writes
-    the tables and plots to `out` (the first seed's, and the spread over seeds); returns {stream: {method:
-    result}} of the first seed."""
-    prov = report.provenance(command)  # the code as the run starts
-    registry.load_builtins()
-    names = [registry.resolve_stream(name) for name in (streams or DEFAULT_STREAMS)]
-    start = time.perf_counter()
-    cache = Path(cache or os.environ.get("MMER_CL_CACHE") or Path.home() / ".cache" / "mmer_cl" / "runs")
-    by_seed, streams_data = {}, {}
-    for s in ([seed] if seed is not None else list(profile.seeds)):
-        torch.manual_seed(s)
-        bench, results = Run(profile, s, cache, progress=progress), {}
-        for name in names:
-            fn = registry.STREAMS[name]
-            data = fn(profile, s).check()
-            data.fingerprint = digest(source_digest(fn), data.settings) if data.settings else source_digest(fn)
+def stream_data(name: str, profile: Profile, seed: int):
+    """Stream `name`'s data for `seed`, checked, with the fingerprint that keys its results; seeded first, so
+that a stream drawing from torch's global generator gets the same data whichever process builds it."""
+    torch.manual_seed(seed)
+    fn = registry.STREAMS[name]
+    data = fn(profile, seed).check()
+    data.fingerprint = digest(source_digest(fn), data.settings) if data.settings else source_digest(fn)
+    return data
+
+
+def run_step(bench: Run, data, name: str):
+    """Stage or method `name` on `data`, from the run folder if stored there; a method starts from its own seed,
+    so that what ran before it (in this process or not) cannot change its numbers."""
+    if name in registry.STAGES:
+        return registry.STAGES[name](bench, data)
+    torch.manual_seed(bench.seed)
+    return bench.cached(data, name, lambda: registry.METHODS[name].fn(bench, data))
+
+
+def plan(profile: Profile, streams, methods, seeds) -> list[tuple]:
+    """[(seed, stream name, its data, the methods to run on it)] in the order the tables list them."""
+    steps = []
+    for s in seeds:
+        for name in streams:
+            data = stream_data(name, profile, s)
             chosen = methods_for(data, profile, methods)
             if not chosen:
                 raise ValueError(f"no method applies to stream '{name}'" + (f" among {methods}" if methods else ""))
-            streams_data[data.name], results[data.name] = data, {}
-            for method in tqdm(chosen, desc=f"{data.name}, seed {s}: methods", disable=not progress):
-                results[data.name][method] = bench.cached(data, method, lambda m=method: registry.METHODS[m].fn(bench, data))
-        by_seed[s] = results
+            steps.append((s, name, data, chosen))
+    return steps
+
+
+def run(profile: Profile, streams=None, methods=None, seed: int | None = None, out="results", cache=None,
+        command: str | None = None, progress: bool = True, threads: int | None = None, cluster=None,
+        device: str = "cpu") -> dict:
+    """Runs (or resumes) the methods on every stream, for `seed` or else every seed of the profile, and writes
+    the tables and plots to `out` (the first seed's, and the spread over seeds); returns {stream: {method:
+    result}} of the first seed. threads: torch's threads per method (its default when None); results depend
+    on it (floating-point sums), so compare runs at one count. cluster: an on_ray.Cluster to run on as Ray tasks.
+    device: where experts, baselines and evaluations run (folds and switches stay on the CPU)."""
+    prov = report.provenance(command)  # the code as the run starts
+    start = time.perf_counter()
+    cache = Path(cache or os.environ.get("MMER_CL_CACHE") or Path.home() / ".cache" / "mmer_cl" / "runs")
+    with cluster or contextlib.nullcontext():  # a cluster that cannot be reached fails before anything is built
+        registry.load_builtins()
+        names = [registry.resolve_stream(name) for name in (streams or DEFAULT_STREAMS)]
+        steps = plan(profile, names, methods, [seed] if seed is not None else list(profile.seeds))
+        if cluster is not None:
+            cluster.run(steps, profile, cache, threads or 1, progress, device)
+    by_seed, streams_data = {}, {}
+    with torch_threads(threads if cluster is None else None):
+        for s, _, data, chosen in steps:
+            bench = Run(profile, s, cache, progress=progress, device=device)
+            streams_data[data.name] = data
+            for method in tqdm(chosen, desc=f"{data.name}, seed {s}: methods", disable=not progress or cluster is not None):
+                by_seed.setdefault(s, {}).setdefault(data.name, {})[method] = run_step(bench, data, method)
     first = next(iter(by_seed))
     tables.write_outputs(Path(out), prov, profile, by_seed, streams_data, time.perf_counter() - start,
-                         Run(profile, first, cache, progress=False))
+                         Run(profile, first, cache, progress=False, device=device))
     return by_seed[first]
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """torch's intra-op threads for the block (its own count when None), restored after."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def quiet_libraries() -> None:
+    """Avalanche's own notices (deprecations inside its replay buffer, "no loggers"), not the user's concern."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message="No loggers specified")
+
+
+def resolve_device(name: str) -> str:
+    """auto: cuda when torch sees a CUDA device, else cpu; cuda without one is an error that says so."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device cuda: torch {torch.__version__} sees no CUDA device (torch.cuda.is_available() "
+                         f"is False); use --device cpu or auto")
+    return name
 
 
 def cli_run(args) -> int:
     """`mmer-cl run`."""
-    import warnings
-
-    # Avalanche's own notices (deprecations inside its replay buffer, "no loggers"), not the user's concern
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", message="No loggers specified")
+    quiet_libraries()
     profile = PROFILES[args.profile]
     streams = None if args.stream is None else args.stream.split(",")
     methods = None if args.methods is None else args.methods.split(",")
-    results = run(profile, streams=streams, methods=methods, seed=args.seed, out=args.out, cache=args.cache)
+    if args.ray_workers is not None and args.ray is None:
+        raise ValueError("--ray-workers needs --ray")
+    cluster = None
+    if args.ray is not None:
+        from mmer_cl.bench import on_ray
+
+        cluster = on_ray.Cluster(args.ray, args.ray_workers)
+    results = run(profile, streams=streams, methods=methods, seed=args.seed, out=args.out, cache=args.cache,
+                  threads=args.threads, cluster=cluster, device=resolve_device(args.device))
     print(tables.console_summary(results))
     print(f"results written to {args.out}/ (start with SUMMARY.md)")
     return 0

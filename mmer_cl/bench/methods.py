@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from mmer_cl import analysis, experts, fold, metrics, store
 from mmer_cl.bench.glue import (ExpertReplay, FineTuning, LearningCurve, SampleCorrectness, SaveModels, TaskRouter,
                                 avalanche_stream, optimizer_for)
-from mmer_cl.bench.registry import method
+from mmer_cl.bench.registry import method, stage
 from mmer_cl.bench.runfolder import Result, write_json_atomic
 from mmer_cl.checkpoints import Checkpoint
 from mmer_cl.decoupled import TaskSwitcher
@@ -37,8 +37,8 @@ ACCURACY = "Top1_Acc_Exp/eval_phase/test_stream/Task{t:03d}/Exp{t:03d}"
 # ---- shared pieces ----------------------------------------------------------------------------------
 
 
-def new_model(data) -> TaskRouter:
-    return TaskRouter(data.model(), data.specs)
+def new_model(data, device: str = "cpu") -> TaskRouter:
+    return TaskRouter(data.model(), data.specs).to(device)
 
 
 def shared_of(data):
@@ -57,6 +57,12 @@ def evaluate(model: TaskRouter, dataset, spec) -> float:
 def epochs_for(data, experience) -> int:
     """Passes over an experience that give about the experts' steps per task."""
     return max(1, round(data.steps * data.batch_size / len(experience.dataset)))
+
+
+def refitting(state_dir: Path):
+    """Holds a state's writer lock while a method refits it and reads what the refit made: methods that share
+    the experts' state (Ray tasks side by side) take turns. Re-entrant, so fold.refit inside proceeds."""
+    return store.lock(state_dir, wait=float("inf"))
 
 
 def nan_matrix(T: int) -> np.ndarray:
@@ -91,18 +97,19 @@ def state_storage(state_dir: Path) -> dict:
 CURVE_POINTS = 10  # evaluations of each expert during its training, for its learning curve
 
 
+@stage("experts")
 def experts_folder(run, data) -> Path:
     """One expert per task, as Avalanche trains it (module docstring): `models/<t>/` the trained weights,
     `state/` their exact MMER state (theta0 and every task vector), `curves.json` each expert's validation and
     test accuracy on its own task during its training (glue.LearningCurve)."""
     def build(folder: Path):
         torch.manual_seed(run.seed)
-        model = new_model(data)
+        model = new_model(data, run.device)
         curve = LearningCurve(lambda t, split: evaluate(model, getattr(data, split)[data.specs[t].name], data.specs[t]),
                               every=max(1, data.steps // CURVE_POINTS))
         plugins = [FineTuning(), curve, SaveModels(folder / "models"),
                    MMERPlugin(folder / "state", mode="exact", shared=shared_of(data))]
-        strategy = _naive(model, data, plugins)
+        strategy = _naive(model, data, plugins, device=run.device)
         for experience in tqdm(avalanche_stream(data.specs, data.train, data.test).train_stream,
                                desc=f"{data.name}: experts", disable=not run.progress):
             strategy.train_epochs = epochs_for(data, experience)
@@ -120,22 +127,23 @@ def _naive(model, data, plugins, strategy=None, **kwargs):
 
 def exact_state_of(run, data, models: Path, name: str) -> Path:
     """An exact state of saved models (sequential fine-tunes, merged LoRA experts), for refits."""
-    return run.artifact(data, name, lambda folder: replay(data, models, folder / "state", dict(mode="exact"), evaluate_each=False))
+    return run.artifact(data, name, lambda folder: replay(data, models, folder / "state", dict(mode="exact"),
+                                                          evaluate_each=False, device=run.device))
 
 
 # ---- merging methods through MMERPlugin -------------------------------------------------------------
 
 
 def replay(data, models: Path, state_dir: Path, settings: dict, lam=1.0, evaluate_each: bool = True,
-           infer_task: bool = False, router=entropy_router):
+           infer_task: bool = False, router=entropy_router, device: str = "cpu"):
     """ExpertReplay + MMERPlugin over the saved models: (R, the plugin, per-sample correctness); R[t, j] is
     Avalanche's accuracy on task j after the fold of experience t. The router only matters with infer_task."""
     shutil.rmtree(state_dir, ignore_errors=True)
     plugin = MMERPlugin(state_dir, lam=lam, shared=shared_of(data), infer_task=infer_task, router=router, **settings)
     correctness = SampleCorrectness()
     evaluator = EvaluationPlugin(accuracy_metrics(experience=True), loggers=[])
-    strategy = ExpertReplay(model=new_model(data), load=lambda t: load_weights(models / str(t)),
-                            plugins=[plugin, correctness], evaluator=evaluator, eval_mb_size=128)
+    strategy = ExpertReplay(model=new_model(data, device), load=lambda t: load_weights(models / str(t)),
+                            plugins=[plugin, correctness], evaluator=evaluator, eval_mb_size=128, device=device)
     bm = avalanche_stream(data.specs, data.train, data.test)
     R = nan_matrix(len(data.specs))
     for t, experience in enumerate(bm.train_stream):
@@ -168,7 +176,7 @@ def choose(run, data, name: str, state_dir: Path, settings: dict, grid: list[dic
     refit = {k: v for k, v in settings.items() if k != "mode"}  # the experts' state is exact, whatever the method's
 
     def compute():
-        model, table = new_model(data), []
+        model, table = new_model(data, run.device), []
         for point in grid:
             lam = point.get("lam", 1.0)
             fold.refit(state_dir, lams=lam, **{**refit, **{k: v for k, v in point.items() if k != "lam"}})
@@ -179,7 +187,8 @@ def choose(run, data, name: str, state_dir: Path, settings: dict, grid: list[dic
             best["lam"] = {task_name(t): max(table, key=lambda row: row[f"val_{spec.name}"])["lam"]
                            for t, spec in enumerate(data.specs)}
         return {"choice": best, "grid": table}
-    return run.cached(data, f"grid_{name}", compute, settings=(settings, grid, per_task_lam))
+    with refitting(state_dir):
+        return run.cached(data, f"grid_{name}", compute, settings=(settings, grid, per_task_lam))
 
 
 def merging_method(run, data, name: str, settings: dict, grid: list[dict], *, models="full", per_task_lam=False) -> Result:
@@ -189,12 +198,13 @@ def merging_method(run, data, name: str, settings: dict, grid: list[dict], *, mo
     point = dict(chosen["choice"])
     lam = point.pop("lam", 1.0)
     state_dir = run.dir / data.name / f"state-{name}"
-    R, plugin, correctness = replay(data, models_dir, state_dir, {**settings, **point}, lam=lam)
+    R, plugin, correctness = replay(data, models_dir, state_dir, {**settings, **point}, lam=lam, device=run.device)
     state = store.load(state_dir)
+    with refitting(exact):  # its task vectors, not being rewritten by another method's refit
+        errors = analysis.reconstruction_errors(state, store.load(exact))
     result = Result(R, state_storage(state_dir), {
         "hyper": chosen, "settings": state.manifest["settings"], "lam": [t["lam"] for t in state.tasks],
-        "fold_seconds": plugin.fold_seconds, **final_correct(correctness, data),
-        "reconstruction_error": analysis.reconstruction_errors(state, store.load(exact))})
+        "fold_seconds": plugin.fold_seconds, **final_correct(correctness, data), "reconstruction_error": errors})
     shutil.rmtree(state_dir)  # measured: a run keeps its experts, not every method's state (GBs each)
     return result
 
@@ -214,11 +224,14 @@ def grid(**axes) -> list[dict]:
     return [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
 
 
+MODELS_NEED = {"full": "experts", "naive": "naive", "lora": "lora_experts"}  # what models_and_state reuses
+
+
 def _register_merging():
     p = None  # the profile is read when the method runs
 
     def register(name, settings, axes, **options):
-        method(name, applies=options.pop("applies", None))(
+        method(name, applies=options.pop("applies", None), needs=(MODELS_NEED[options.get("models", "full")],))(
             lambda run, data: merging_method(run, data, name, settings(run) if callable(settings) else settings,
                                              grid(**axes(run.profile)), **options))
 
@@ -244,10 +257,10 @@ def _register_merging():
 _register_merging()
 
 
-@method("individual")
+@method("individual", needs=("experts",))
 def run_individual(run, data) -> Result:
     """Upper bound: task j's own expert, one full copy per task."""
-    folder, model = experts_folder(run, data), new_model(data)
+    folder, model = experts_folder(run, data), new_model(data, run.device)
     accs = []
     for t, spec in enumerate(data.specs):
         model.load_state_dict(load_weights(folder / "models" / str(t)), strict=False)
@@ -259,15 +272,20 @@ def run_individual(run, data) -> Result:
                   {"expert_accuracy": accs, "learning_curves": json.loads((folder / "curves.json").read_text())})
 
 
-@method("mmer_controls")
+@method("mmer_controls", needs=("experts",))
 def run_mmer_controls(run, data) -> dict:
     """Mask analyses and controls at MMER's chosen settings, all experts merged: MMER's masks against a random
     mask of the same effective density, the sign-agreement mask, and no mask (TIES)."""
-    settings = dict(merge="ties", mask_rule="mmer", mode="exact")
     state_dir = experts_folder(run, data) / "state"
+    with refitting(state_dir):
+        return mask_controls(run, data, state_dir)
+
+
+def mask_controls(run, data, state_dir: Path) -> dict:
+    settings = dict(merge="ties", mask_rule="mmer", mode="exact")
     p = run.profile
     choice = choose(run, data, "mmer_exact", state_dir, settings, grid(alpha=p.alphas, lam=p.lams))["choice"]
-    model, alpha, lam = new_model(data), choice["alpha"], choice["lam"]
+    model, alpha, lam = new_model(data, run.device), choice["alpha"], choice["lam"]
     fold.refit(state_dir, lams=lam, alpha=alpha, **{k: v for k, v in settings.items() if k != "mode"})
     state = store.load(state_dir)
     densities = analysis.densities(state)
@@ -317,7 +335,7 @@ def train_baseline(run, data, name: str, options: dict) -> Result:
     from mmer_cl.bench import baselines
 
     torch.manual_seed(run.seed)
-    model = new_model(data)
+    model = new_model(data, run.device)
     correctness = SampleCorrectness()
     scale = {t: data.shared_lr_scale[spec.name] for t, spec in enumerate(data.specs) if spec.name in data.shared_lr_scale}
     plugins = [FineTuning(scale), correctness]
@@ -329,7 +347,7 @@ def train_baseline(run, data, name: str, options: dict) -> Result:
     evaluator = EvaluationPlugin(accuracy_metrics(experience=True), loggers=[])
     strategy = strategy_cls(model=model, optimizer=optimizer_for(model, shared_of(data)), criterion=nn.CrossEntropyLoss(),
                             train_mb_size=data.batch_size, eval_mb_size=128, plugins=plugins, evaluator=evaluator,
-                            **fixed, **options)
+                            device=run.device, **fixed, **options)
     bm = avalanche_stream(data.specs, data.train, data.test, val=data.val)
     R = nan_matrix(len(data.specs))
     for t, experience in enumerate(tqdm(bm.train_stream, desc=f"{data.name}/{name} {options}", disable=not run.progress)):
@@ -352,6 +370,7 @@ for _name in ("naive", "ewc", "lwf", "replay"):
     method(_name)(lambda run, data, _name=_name: avalanche_method(run, data, _name))
 
 
+@stage("lora_experts")
 def lora_experts(run, data) -> Path:
     """One PEFT LoRA adapter per task on the frozen base (experts.train_expert, mode lora): `adapters/<t>/`
     the adapter folders, `merged/<t>/` theta0 + (alpha/r) B A with the router's names."""
@@ -361,18 +380,18 @@ def lora_experts(run, data) -> Path:
         for t, spec in enumerate(data.specs):
             expert, _ = experts.train_expert(spec.name, spec.modality, (data.train[spec.name], data.val[spec.name]),
                                              mode="lora", steps=data.steps, seed=run.seed, batch_size=data.batch_size,
-                                             num_classes=spec.num_classes, progress=run.progress)
+                                             num_classes=spec.num_classes, progress=run.progress, device=run.device)
             expert.save_pretrained(folder / "adapters" / str(t))
             merged = models.merge_lora(expert).state_dict()
             checkpoints.save(folder / "merged" / str(t), {f"model.{n}": v for n, v in merged.items()})
     return run.artifact(data, "lora-experts", build)
 
 
-@method("lora", applies=lambda data: data.new_model is None)
+@method("lora", applies=lambda data: data.new_model is None, needs=("lora_experts",))
 def run_lora(run, data) -> Result:
     """One LoRA adapter per task, routed by task; storage = the adapters' own bytes."""
     folder = lora_experts(run, data)
-    model = new_model(data)
+    model = new_model(data, run.device)
     accs, adapters, private = [], 0, 0
     for t, spec in enumerate(data.specs):
         model.load_state_dict(load_weights(folder / "merged" / str(t)), strict=False)
@@ -392,7 +411,7 @@ def run_joint(run, data) -> Result:
     of R exists, so BWT and forgetting are not defined for it."""
     from mmer_cl.bench import baselines
 
-    model = data.model()
+    model = data.model().to(run.device)
     steps = data.steps * len(data.specs)
     with tqdm(total=steps, desc=f"{data.name}/joint", disable=not run.progress) as bar:
         baselines.train_joint(model, data.specs, data.train, steps=steps, batch_size=data.batch_size, seed=run.seed,
@@ -404,7 +423,7 @@ def run_joint(run, data) -> Result:
     return Result(R, metrics.storage(base=base, private=private))
 
 
-ROUTED = dict(applies=lambda data: len(data.specs) > 1 and len({s.modality for s in data.specs}) == 1)
+ROUTED = dict(applies=lambda data: len(data.specs) > 1 and len({s.modality for s in data.specs}) == 1, needs=("experts",))
 
 
 def routed(run, data, name: str, router) -> Result:
@@ -418,7 +437,7 @@ def routed(run, data, name: str, router) -> Result:
     lam = point.pop("lam", 1.0)
     state_dir = run.dir / data.name / f"state-{name}"
     R, plugin, correctness = replay(data, models_dir, state_dir, {**settings, **point}, lam=lam, infer_task=True,
-                                    router=router)
+                                    router=router, device=run.device)
     storage = state_storage(state_dir)
     shutil.rmtree(state_dir)
     confusion = [[0] * len(data.specs) for _ in data.specs]
@@ -441,7 +460,7 @@ def run_mmer_routed_entropy(run, data) -> Result:
     return routed(run, data, "mmer_routed_entropy", entropy_router)
 
 
-@method("forgetting", applies=lambda data: "forgetting" in (data.methods or ()))
+@method("forgetting", applies=lambda data: "forgetting" in (data.methods or ()), needs=("naive",))
 def run_forgetting(run, data) -> dict:
     """Task A fine-tuned from theta0, then further on task B from there (Naive's sequential models), against
     MMER over tau_A = theta_A - theta0 and tau_B = theta_B - theta0, alpha and lam chosen on validation:
@@ -453,9 +472,10 @@ def run_forgetting(run, data) -> dict:
     choice = choose(run, data, "mmer", exact, settings, grid(alpha=p.alphas, lam=p.lams))
     point = dict(choice["choice"])
     lam = point.pop("lam")
-    fold.refit(exact, lams=lam, **{k: v for k, v in settings.items() if k != "mode"}, **point)
-    model, (old, new) = new_model(data), data.specs
-    mmer = score_state(model, exact, data, data.test)
+    with refitting(exact):
+        fold.refit(exact, lams=lam, **{k: v for k, v in settings.items() if k != "mode"}, **point)
+        model, (old, new) = new_model(data, run.device), data.specs
+        mmer = score_state(model, exact, data, data.test)
     rows = []
     for label, t in (("A: fine-tuned on the old task", 0), ("B: then further on the new task (sequential)", 1)):
         model.load_state_dict(load_weights(models / str(t)), strict=False)

@@ -1,9 +1,10 @@
 """The benchmark's registries of streams and methods, by name.
 
-A stream is fn(profile, seed) -> StreamData; a method is fn(run, data) -> Result. Each registers itself with
-`@stream(name)` or `@method(name)`; `mmer-cl run --stream my_module:my_stream` imports a stream of the user's
-own. Built-in ones are listed here with one line each, so that `mmer-cl run --help` names them without
-importing what defines them.
+A stream is fn(profile, seed) -> StreamData; a method is fn(run, data) -> Result; a stage is fn(run, data), work
+that several methods share (the experts), which they name in `needs` so that a scheduler (Ray) builds it once,
+before them. Each registers itself with `@stream(name)`, `@method(name)` or `@stage(name)`;
+`mmer-cl run --stream my_module:my_stream` imports a stream of the user's own. Built-in ones are listed here
+with one line each, so that `mmer-cl run --help` names them without importing what defines them.
 """
 
 import importlib
@@ -48,14 +49,17 @@ BUILTIN_METHODS = {
 
 STREAMS: dict[str, Callable] = {}
 METHODS: dict[str, "Method"] = {}
+STAGES: dict[str, Callable] = {}
 
 
 @dataclass(frozen=True)
 class Method:
-    """fn(run, data) -> Result; applies(data) says whether it runs on a stream (default: on every one)."""
+    """fn(run, data) -> Result; applies(data) says whether it runs on a stream (default: on every one); needs:
+    the stages and methods whose work it reuses (a method that forgets one still runs, only later)."""
 
     fn: Callable
     applies: Callable | None = None
+    needs: tuple[str, ...] = ()
 
 
 def stream(name: str):
@@ -66,10 +70,19 @@ def stream(name: str):
     return register
 
 
-def method(name: str, applies: Callable | None = None):
-    """Registers fn(run, data) -> Result as method `name`; `applies(data) -> bool` limits it to some streams."""
+def method(name: str, applies: Callable | None = None, needs: tuple[str, ...] = ()):
+    """Registers fn(run, data) -> Result as method `name`; `applies(data) -> bool` limits it to some streams;
+    `needs` names the stages and methods it reuses."""
     def register(fn):
-        METHODS[name] = Method(fn, applies)
+        METHODS[name] = Method(fn, applies, tuple(needs))
+        return fn
+    return register
+
+
+def stage(name: str):
+    """Registers fn(run, data) as stage `name` (it stores what it builds in the run folder)."""
+    def register(fn):
+        STAGES[name] = fn
         return fn
     return register
 
