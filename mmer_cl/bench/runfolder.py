@@ -27,7 +27,7 @@ import numpy as np
 
 from mmer_cl.bench.profiles import Profile
 
-RESULTS_VERSION = 3  # bump when a code change alters what a stored result means
+RESULTS_VERSION = 4  # bump when a code change alters what a stored result means
 
 
 @dataclass
