@@ -260,9 +260,10 @@ def _decouple_bf16_half_tau(out, theta0, tau_star, packed, scale):
         ta = wide.view(np.float32)
         for lo in range(block * BLOCK, min(block * BLOCK + BLOCK, n), CHUNK):
             hi = min(lo + CHUNK, n)
+            half = tau_star[lo:hi]  # slices and whole scratch arrays: contiguous to numba, so the loops vectorise
             for i in range(hi - lo):
-                wide[i] = np.uint32(tau_star[lo + i]) << 16
-            _span_bf16(out[lo:hi], theta0[lo:hi], ta[:hi - lo], packed[lo >> 3:], scale, bits)
+                wide[i] = np.uint32(half[i]) << 16
+            _span_bf16(out[lo:hi], theta0[lo:hi], ta, packed[lo >> 3:], scale, bits)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
