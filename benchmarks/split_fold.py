@@ -5,7 +5,7 @@ range of tensors into their own files, and one committer write the manifest. Thi
 split would buy before anything is built: the tensors of a synthetic Llama (perf_fold's) are dealt into
 W halves of about equal bytes, each half written as its own base and fine-tunes, and the T-th fold of every
 half runs as one Ray task per half (W workers, one CPU each), against the same fold of the whole model in
-one process (numba's threads on every core). Needs `pip install ray`.
+one process (numba's threads on every core), and the same with the fold's own `workers` threads. Needs `pip install ray`.
 
     python benchmarks/split_fold.py --size 1B --workers 2 --tasks 2 --out results/split_fold.md
 """
@@ -47,8 +47,8 @@ def write_part(source: Path, names: list[str], folder: Path, shard_bytes: int) -
     writer.write_index()
 
 
-def fold_all(state: Path, base: Path, models: list[Path], threads: int | None = None) -> float:
-    """Folds models into a new state; the seconds of the last fold."""
+def fold_all(state: Path, base: Path, models: list[Path], threads: int | None = None, workers: int = 0) -> float:
+    """Folds models into a new state (fold's `workers` threads over tensor chunks); the seconds of the last."""
     from mmer_cl.fold import fold
 
     if threads:
@@ -57,7 +57,7 @@ def fold_all(state: Path, base: Path, models: list[Path], threads: int | None = 
         numba.set_num_threads(threads)
     for i, model in enumerate(models):
         start = time.perf_counter()
-        fold(state, model, f"task{i}", base=base if i == 0 else None, progress=False)
+        fold(state, model, f"task{i}", base=base if i == 0 else None, workers=workers, progress=False)
         seconds = time.perf_counter() - start
     return seconds
 
@@ -83,6 +83,7 @@ def main(argv=None) -> int:
             write_part(work / model, names, work / f"part{p}" / model, shard)
     models = [work / f"ft{i}" for i in range(args.tasks)]
     whole = fold_all(work / "state", work / "base", models)
+    threaded = fold_all(work / "state-threads", work / "base", models, workers=args.workers)
     ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
     task = ray.remote(num_cpus=1)(fold_all)
     start = time.perf_counter()
@@ -98,6 +99,7 @@ def main(argv=None) -> int:
         f"{os.cpu_count()} cores.", "",
         "| | seconds |", "|---|---|",
         f"| the whole model, one process (every core) | {whole:.1f} |",
+        f"| the whole model, one process, `workers={args.workers}` threads over tensor chunks | {threaded:.1f} |",
         f"| {args.workers} parts on {args.workers} Ray workers (1 CPU each), the slowest part's fold | {max(split):.1f} |",
         f"| each part's fold | {' / '.join(f'{s:.1f}' for s in split)} |",
         f"| the Ray run's wall time, all {args.tasks} folds of every part | {wall:.1f} |", ""])
