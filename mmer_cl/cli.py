@@ -32,7 +32,7 @@ def _settings(p: argparse.ArgumentParser, fold: bool) -> None:
     p.add_argument("--energy", type=float, help="OPCM's singular-value fraction (default 0.5)")
     p.add_argument("--seed", type=int, help="seed of DARE's and random masks' draws (default 0)")
     p.add_argument("--tau-dtype", choices=("float32", "weights"),
-                   help="store tau_star in float32 (default) or in the weights' dtype (half the bytes for bf16)")
+                   help="store tau_star in float32 (default) or in the weights' dtype (half the disk for bf16)")
     p.add_argument("--workers", type=int, default=0, help="threads over tensor chunks (default 0: none)")
 
 

@@ -19,8 +19,8 @@ class Settings:
     k: TIES's trim fraction, per "tensor" or "global" (trim); alpha: the scale of tau_star; p: DARE's drop
     probability; energy: OPCM's singular-value fraction; seed: the draws of DARE and of random masks.
     tau_dtype: how tau_star is stored, "float32" or "weights" (each tensor in its base's floating dtype:
-    half the bytes beside bfloat16 weights, for a switch that reads less; tau_star is rounded once, as
-    written, and everything after, masks' statistics included, uses the rounded values).
+    half the bytes on disk beside bfloat16 weights, what lets a 7B compact state fit; tau_star is rounded
+    once, as written, and everything after, masks' statistics included, uses the rounded values).
     """
 
     mode: str = "exact"
