@@ -59,6 +59,13 @@ class StreamData:
         return [spec.name for spec in self.specs]
 
     def model(self) -> nn.Module:
+        """A new model, with the same initial weights every time (drawn from seed 0, torch's global generator
+        left as it was): theta0 of the experts, of a replay and of every baseline is one, whatever ran before."""
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return self._build()
+
+    def _build(self) -> nn.Module:
         if self.new_model is not None:
             return self.new_model()
         return models.build_model([(s.name, s.modality, s.num_classes) + (() if s.modality == "text" else (s.input_shape,))
