@@ -42,15 +42,24 @@ def paired_bootstrap(a: Sequence[Sequence[bool]], b: Sequence[Sequence[bool]], r
             boot[start:start + rows] += d[rng.integers(0, len(d), size=(rows, len(d)))].mean(axis=1)
     boot /= len(diffs)
     tail = (1 - level) / 2 * 100
-    return {"diff": float(np.mean([d.mean() for d in diffs])), "lo": float(np.percentile(boot, tail)),
+    return {"diff": mean_difference(a, b), "lo": float(np.percentile(boot, tail)),
             "hi": float(np.percentile(boot, 100 - tail))}
 
 
-def verdict(a: str, b: str, interval: dict) -> str:
-    """"A above B: +0.012 [0.004, 0.020]" when the interval excludes 0, else "A and B: no difference resolved"."""
+def mean_difference(a: Sequence[Sequence[bool]], b: Sequence[Sequence[bool]]) -> float:
+    """mean_t (acc_A(t) - acc_B(t)): the difference of average accuracies, each task weighted equally."""
+    return float(np.mean([np.mean(x) - np.mean(y) for x, y in zip(a, b)]))
+
+
+def verdict(a: str, b: str, interval: dict, seeds: dict | None = None) -> str:
+    """"A above B: +0.012 [0.004, 0.020]" when the interval excludes 0, else "A and B: no difference resolved".
+    seeds: a second interval of the same difference (over seeds); then a side is claimed only if both exclude 0."""
     figures = f"{interval['diff']:+.3f} [{interval['lo']:+.3f}, {interval['hi']:+.3f}]"
-    if interval["lo"] > 0:
+    if seeds is not None:
+        figures += f", over seeds [{seeds['lo']:+.3f}, {seeds['hi']:+.3f}]"
+    intervals = [interval] + ([seeds] if seeds is not None else [])
+    if all(i["lo"] > 0 for i in intervals):
         return f"{a} above {b}: {figures}"
-    if interval["hi"] < 0:
+    if all(i["hi"] < 0 for i in intervals):
         return f"{a} below {b}: {figures}"
     return f"{a} and {b}: no difference resolved, {figures}"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mmer_cl import cli
-from mmer_cl.bench import loop, methods, registry
+from mmer_cl.bench import loop, methods, registry, tables
 from mmer_cl.bench.profiles import PROFILES
 from mmer_cl.bench.runfolder import Run
 
@@ -132,7 +132,7 @@ def test_two_seeds_give_intervals_paired_scores_and_label_free_routing(tmp_path)
     import pandas as pd
 
     registry.resolve_stream(f"{EXAMPLE}:digits")
-    profile = replace(TINY, seeds=(0, 1))
+    profile = replace(TINY, seeds=(0, 1), first_seed_only=("digits/naive",))
     out = tmp_path / "results"
     results = loop.run(profile, streams=[f"{EXAMPLE}:digits"], methods=["individual", "mmer_exact", "ties", "mmer_routed",
                        "naive"], out=out, cache=tmp_path / "cache", progress=False)["digits"]
@@ -150,11 +150,18 @@ def test_two_seeds_give_intervals_paired_scores_and_label_free_routing(tmp_path)
     assert all((paired["lo"] <= paired["diff"]) & (paired["diff"] <= paired["hi"]))
     assert all(v.startswith("mmer_exact ") for v in paired["verdict"])
     seeds = pd.read_csv(out / "digits_seeds.csv", comment="#")
-    assert list(seeds["seeds"]) == [2] * 5 and all(seeds["lo"] <= seeds["final_avg_acc"])
+    assert list(seeds["seeds"]) == [2, 2, 2, 2, 1] and all(seeds["lo"][:4] <= seeds["final_avg_acc"][:4])  # naive: seed 0
+    over_seeds = pd.read_csv(out / "digits_paired_seeds.csv", comment="#")
+    assert list(over_seeds["method"]) == ["ties", "mmer_routed"] and all(over_seeds["seed_lo"] <= over_seeds["diff"])
     routed = results["mmer_routed"]
     sizes = [len(c) for c in routed["correct"]]
     assert [sum(row) for row in routed["routing_confusion"]] == sizes and routed["storage"]["router"] > 0
     assert "seeds: [0, 1]" in (out / "SUMMARY.md").read_text()
+    timings = pd.read_csv(out / "timings.csv", comment="#")  # the next run's estimates
+    assert len(timings) == 9 and (timings["seconds"] > 0).all()
+    estimates = tables.read_estimates(out, profile)
+    assert estimates[("digits", "naive")] == pytest.approx(results["naive"]["seconds"])  # naive: seed 0 alone
+    assert tables.read_estimates(out, replace(TINY, name="other")) == {}  # another profile's times are no estimate
 
 
 def test_an_avalanche_baseline_is_tuned_on_validation_when_the_profile_gives_a_grid(tmp_path):

@@ -53,3 +53,25 @@ def test_verdict_says_only_what_the_interval_supports():
     assert verdict("MMER", "TIES", {"diff": 0.02, "lo": 0.01, "hi": 0.03}) == "MMER above TIES: +0.020 [+0.010, +0.030]"
     assert verdict("MMER", "EMR", {"diff": -0.02, "lo": -0.03, "hi": -0.01}).startswith("MMER below EMR")
     assert verdict("MMER", "TALL", {"diff": 0.01, "lo": -0.01, "hi": 0.03}).startswith("MMER and TALL: no difference")
+
+
+def test_a_side_is_claimed_over_seeds_only_where_both_intervals_exclude_zero():
+    examples = {"diff": 0.02, "lo": 0.01, "hi": 0.03}
+    assert verdict("MMER", "TIES", examples, seeds={"lo": 0.005, "hi": 0.04}).startswith("MMER above TIES")
+    assert verdict("MMER", "TIES", examples, seeds={"lo": -0.01, "hi": 0.05}) == (
+        "MMER and TIES: no difference resolved, +0.020 [+0.010, +0.030], over seeds [-0.010, +0.050]")
+
+
+def test_paired_over_seeds_pools_the_examples_and_intervals_the_seed_differences():
+    from mmer_cl.bench.tables import paired_seeds_table
+
+    # per seed, one task of 4 examples; mmer_exact beats ties by 1/4, 2/4 and 3/4 on seeds 0, 1, 2
+    ref, other = [[1, 1, 1, 1]], ([[0, 1, 1, 1]], [[0, 0, 1, 1]], [[0, 0, 0, 1]])
+    by_seed = {s: {"s": {"mmer_exact": {"correct": ref}, "ties": {"correct": b}, "naive": {"matrix": []}}}
+               for s, b in enumerate(other)}
+    row = paired_seeds_table(by_seed, "s").iloc[0]
+    half = 4.302652729911275 * 0.25 / math.sqrt(3)  # t_{0.975, 2} s / sqrt(3), s = 1/4
+    assert row["method"] == "ties" and row["seeds"] == 3 and row["diff"] == pytest.approx(0.5)
+    assert row["seed_lo"] == pytest.approx(0.5 - half) and row["seed_hi"] == pytest.approx(0.5 + half)
+    assert row["lo"] > 0 and row["seed_lo"] < 0 and "no difference resolved" in row["verdict"]
+    assert len(paired_seeds_table({0: by_seed[0]}, "s")) == 0  # one seed: no spread to estimate

@@ -46,11 +46,13 @@ def kept_state(strategy) -> dict:
 def train_joint(model: nn.Module, specs: Sequence[TaskSpec], train_sets: Mapping[str, object], *, steps: int,
                 batch_size: int, seed: int, shared, progress=None) -> nn.Module:
     """Joint multi-task training (an upper bound: it needs every task's data at once): `steps` AdamW steps,
-    task t = step mod T, each on a batch of that task's data through its own modules."""
+    task t = step mod T, each on a batch of that task's data through its own modules, with the experts' recipe
+    over the whole run (warm-up, linear decay, gradient norm clipped), so that it is not a weaker trainer."""
     generator = torch.Generator().manual_seed(seed)
     loaders = {spec.name: _cycle(torch.utils.data.DataLoader(train_sets[spec.name], batch_size=batch_size, shuffle=True,
                                                              generator=generator)) for spec in specs}
     optimizer = optimizer_for(model, shared)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: experts.schedule(step, steps))
     model.train()
     for step in range(steps):
         spec = specs[step % len(specs)]
@@ -58,7 +60,9 @@ def train_joint(model: nn.Module, specs: Sequence[TaskSpec], train_sets: Mapping
         loss = nn.functional.cross_entropy(model(x, task=spec.name), y)
         optimizer.zero_grad()
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), experts.MAX_GRAD_NORM)
         optimizer.step()
+        scheduler.step()
         if progress is not None:
             progress.update(1)
     model.eval()

@@ -113,11 +113,11 @@ def avalanche_stream(specs: Sequence[TaskSpec], train: dict, test: dict, **more:
 
 def optimizer_for(model: nn.Module, shared: Callable[[str], bool]) -> torch.optim.AdamW:
     """AdamW with the experts' learning rates: the small one on the shared parameters, the large one on
-    every task's private modules; no weight decay (experts.py says why)."""
+    every task's private modules; no weight decay, fused (experts.py says why)."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return torch.optim.AdamW([{"params": [p for n, p in params if shared(n)], "lr": experts.BACKBONE_LR["full"]},
                               {"params": [p for n, p in params if not shared(n)], "lr": experts.PRIVATE_LR}],
-                             weight_decay=0.0)
+                             weight_decay=0.0, fused=True)
 
 
 class FineTuning(SupervisedPlugin):

@@ -13,7 +13,7 @@ from mmer_cl.bench import registry, report, tables
 from mmer_cl.bench.profiles import PROFILES, Profile
 from mmer_cl.bench.runfolder import Run, digest, source_digest
 
-DEFAULT_STREAMS = ("modality", "split_fmnist", "forgetting", "aligned")
+DEFAULT_STREAMS = ("modality", "split_fmnist", "forgetting")  # aligned: on its own (--stream aligned)
 # The order of the tables; a method registered elsewhere follows these.
 METHOD_ORDER = ("individual", "mmer_exact", "mmer_sparse", "mmer_compact", "mmer_routed", "mmer_routed_entropy",
                 "mmer_controls",
@@ -21,17 +21,20 @@ METHOD_ORDER = ("individual", "mmer_exact", "mmer_sparse", "mmer_compact", "mmer
                 "ewc", "lwf", "replay", "lora", "mmer_lora", "joint", "forgetting", "expansion")
 
 
-def methods_for(data, profile: Profile, asked=None) -> list[str]:
+def methods_for(data, profile: Profile, asked=None, first_seed: bool = True) -> list[str]:
     """The methods to run on a stream: those asked for, else every registered one that applies to it (and that
-    the stream names, if it names some), less the profile's skip list."""
+    the stream names, if it names some) less the profile's skip list; on a later seed of the profile, less its
+    first_seed_only methods either way."""
     names = sorted(registry.METHODS, key=lambda n: (METHOD_ORDER.index(n) if n in METHOD_ORDER else len(METHOD_ORDER), n))
     if asked is not None:
         unknown = [m for m in asked if m not in registry.METHODS]
         if unknown:
             raise ValueError(f"unknown methods {unknown}; known: {', '.join(names)}")
-        return [m for m in asked if _applies(m, data)]
-    return [m for m in names if _applies(m, data) and (data.methods is None or m in data.methods)
-            and f"{data.name}/{m}" not in profile.skip]
+        chosen = [m for m in asked if _applies(m, data)]
+    else:
+        chosen = [m for m in names if _applies(m, data) and (data.methods is None or m in data.methods)
+                  and not {m, f"{data.name}/{m}"} & set(profile.skip)]
+    return chosen if first_seed else [m for m in chosen if not {m, f"{data.name}/{m}"} & set(profile.first_seed_only)]
 
 
 def _applies(name: str, data) -> bool:
@@ -64,10 +67,11 @@ def plan(profile: Profile, streams, methods, seeds) -> list[tuple]:
     for s in seeds:
         for name in streams:
             data = stream_data(name, profile, s)
-            chosen = methods_for(data, profile, methods)
-            if not chosen:
+            chosen = methods_for(data, profile, methods, first_seed=s == seeds[0])
+            if not chosen and s == seeds[0]:
                 raise ValueError(f"no method applies to stream '{name}'" + (f" among {methods}" if methods else ""))
-            steps.append((s, name, data, chosen))
+            if chosen:  # a later seed may have nothing left to run on a stream
+                steps.append((s, name, data, chosen))
     return steps
 
 
@@ -89,6 +93,9 @@ def run(profile: Profile, streams=None, methods=None, seed: int | None = None, o
         if cluster is not None:
             cluster.run(steps, profile, cache, threads or 1, progress, device)
     by_seed, streams_data = {}, {}
+    estimates = tables.read_estimates(Path(out), profile)
+    if progress:
+        print(plan_estimate(steps, estimates, Path(out) / "timings.csv"))
     with torch_threads(threads if cluster is None else None):
         for s, _, data, chosen in steps:
             bench = Run(profile, s, cache, progress=progress, device=device)
@@ -96,9 +103,22 @@ def run(profile: Profile, streams=None, methods=None, seed: int | None = None, o
             for method in tqdm(chosen, desc=f"{data.name}, seed {s}: methods", disable=not progress or cluster is not None):
                 by_seed.setdefault(s, {}).setdefault(data.name, {})[method] = run_step(bench, data, method)
     first = next(iter(by_seed))
+    if progress:
+        print("time per method, summed over seeds:\n" + tables.time_table(estimates, by_seed).to_string(
+            index=False, float_format=lambda v: f"{v:.0f}"))
     tables.write_outputs(Path(out), prov, profile, by_seed, streams_data, time.perf_counter() - start,
                          Run(profile, first, cache, progress=False, device=device))
     return by_seed[first]
+
+
+def plan_estimate(steps, estimates: dict, source: Path) -> str:
+    """What the run will compute and, where an earlier run of the profile timed it, how long that took."""
+    known = [estimates[(data.name, m)] for _, _, data, chosen in steps for m in chosen if (data.name, m) in estimates]
+    total = sum(len(chosen) for *_, chosen in steps)
+    if not known:
+        return f"{total} methods to run or reuse; no estimate ({source} holds no earlier run of this profile)"
+    return (f"{total} methods to run or reuse; {len(known)} timed by an earlier run of this profile ({source}): "
+            f"about {sum(known) / 60:.0f} min if none is stored yet")
 
 
 @contextlib.contextmanager

@@ -66,6 +66,13 @@ PAIRED_NOTE = ("diff = final average accuracy of the reference minus the method'
                "test sample, not training randomness.")
 
 
+SEEDS_NOTE = "mean, sample std and Student-t 95% interval [lo, hi] over seeds"
+PAIRED_SEEDS_NOTE = ("diff = the reference's final average accuracy minus the method's, averaged over seeds; [lo, hi]: "
+                     "95% bootstrap interval over test examples (resampled within each seed and task, 10,000 "
+                     "resamples); [seed_lo, seed_hi]: Student-t 95% interval of the per-seed differences. The "
+                     "verdict claims a side only where both intervals exclude zero.")
+
+
 EXPANSION_REFERENCE = "naive_mc"  # the paper's comparison on mixed inputs
 
 
@@ -184,7 +191,7 @@ def seeds_table(by_seed: dict, stream: str) -> pd.DataFrame:
     for method in [m for m, result in first.items() if "matrix" in result]:
         finals, forgettings = [], []
         for results in by_seed.values():
-            if method in results[stream]:
+            if method in results.get(stream, {}):
                 R = np.asarray(results[stream][method]["matrix"], dtype=float)
                 finals.append(float(np.mean(R[-1])))
                 forgettings.append(metrics.average_forgetting(R) if not np.isnan(R[:-1]).all() else float("nan"))
@@ -192,6 +199,66 @@ def seeds_table(by_seed: dict, stream: str) -> pd.DataFrame:
         rows.append({"method": method, "seeds": acc["n"], "final_avg_acc": acc["mean"], "std": acc["std"],
                      "lo": acc["lo"], "hi": acc["hi"], "avg_forgetting": forget["mean"], "forgetting_std": forget["std"]})
     return pd.DataFrame(rows)
+
+
+def experts_seeds_table(by_seed: dict, stream: str, tasks) -> pd.DataFrame:
+    """Each expert's test accuracy on its own task over seeds: mean, std and Student-t 95% interval."""
+    accs = [results[stream]["individual"]["expert_accuracy"] for results in by_seed.values()
+            if "individual" in results.get(stream, {})]
+    if len(accs) < 2:
+        return pd.DataFrame()
+    return pd.DataFrame([{"task": task, **stats.seed_interval([a[t] for a in accs])} for t, task in enumerate(tasks)])
+
+
+def paired_seeds_table(by_seed: dict, stream: str, reference: str = REFERENCE) -> pd.DataFrame:
+    """The reference against every method run on the same seeds: the paired difference of final average
+    accuracy averaged over seeds, with two 95% intervals, one per source of noise: [lo, hi] the bootstrap over
+    test examples (resampled within each seed and task), [seed_lo, seed_hi] the Student-t interval of the
+    per-seed differences (training randomness). A side is claimed only where both exclude zero."""
+    runs = [results[stream] for results in by_seed.values() if reference in results.get(stream, {})]
+    rows = []
+    for name in [m for m, r in runs[0].items() if m != reference and "correct" in r] if runs else []:
+        pairs = [(r[reference]["correct"], r[name]["correct"]) for r in runs if name in r]
+        if len(pairs) < 2:
+            continue
+        pooled = stats.paired_bootstrap([t for a, _ in pairs for t in a], [t for _, b in pairs for t in b])
+        seeds = stats.seed_interval([stats.mean_difference(a, b) for a, b in pairs])
+        rows.append({"method": name, "seeds": len(pairs), **pooled, "seed_lo": seeds["lo"], "seed_hi": seeds["hi"],
+                     "verdict": stats.verdict(reference, name, pooled, seeds)})
+    return pd.DataFrame(rows)
+
+
+def timings_table(profile, by_seed: dict) -> pd.DataFrame:
+    """Each method's own time (`seconds`: when it was computed, also if this run reused it), per seed and stream."""
+    return pd.DataFrame([{"profile": profile.name, "seed": seed, "stream": stream, "method": method,
+                          "seconds": result.get("seconds", float("nan"))}
+                         for seed, streams in by_seed.items() for stream, results in streams.items()
+                         for method, result in results.items()])
+
+
+def read_estimates(out: Path, profile) -> dict:
+    """{(stream, method): seconds} from an earlier run's `timings.csv` in `out` of the same profile, averaged
+    over its seeds: what the next run of that profile can expect on a like machine ({} when there is none)."""
+    path = Path(out) / "timings.csv"
+    if not path.exists():
+        return {}
+    df = pd.read_csv(path, comment="#")
+    df = df[df["profile"] == profile.name]
+    return {key: float(v) for key, v in df.groupby(["stream", "method"])["seconds"].mean().items()}
+
+
+def time_table(estimates: dict, by_seed: dict) -> pd.DataFrame:
+    """Per stream and method: the estimate the run started from, and the measured seconds, summed over seeds."""
+    rows = {}
+    for streams in by_seed.values():
+        for stream, results in streams.items():
+            for method, result in results.items():
+                row = rows.setdefault((stream, method), {"stream": stream, "method": method, "seeds": 0,
+                                                         "estimated_s": 0.0, "actual_s": 0.0})
+                row["seeds"] += 1
+                row["estimated_s"] += estimates.get((stream, method), float("nan"))
+                row["actual_s"] += result.get("seconds", float("nan"))
+    return pd.DataFrame(list(rows.values()))
 
 
 def write_outputs(out: Path, prov: dict, profile, by_seed: dict, streams: dict, elapsed: float, run) -> None:
@@ -205,12 +272,20 @@ def write_outputs(out: Path, prov: dict, profile, by_seed: dict, streams: dict, 
                                                                          if len(seeds) > 1 else ""), ""]
     for name, stream_results in results.items():
         if len(seeds) > 1:
-            df = seeds_table(by_seed, name)
-            if len(df):
-                report.write_table(df, out, f"{name}_seeds", prov, f"{name}: over seeds {seeds}",
-                                   note="mean, sample std and Student-t 95% interval [lo, hi] over seeds")
-                sections.append(report.markdown_section(df, f"{name}: final accuracy and forgetting over seeds {seeds}"))
+            over = f"over seeds {seeds}"
+            for df, stem, title, note in (
+                    (seeds_table(by_seed, name), "seeds", f"final accuracy and forgetting {over}", SEEDS_NOTE),
+                    (experts_seeds_table(by_seed, name, streams[name].tasks), "experts_seeds",
+                     f"the experts' test accuracy {over}", "each expert on its own task; " + SEEDS_NOTE),
+                    (paired_seeds_table(by_seed, name), "paired_seeds", f"{REFERENCE} against each method, paired, {over}",
+                     PAIRED_SEEDS_NOTE)):
+                if len(df):
+                    report.write_table(df, out, f"{name}_{stem}", prov, f"{name}: {title}", note=note)
+                    sections.append(report.markdown_section(df, f"{name}: {title}", note=note))
         sections += _stream_outputs(out, prov, name, stream_results, streams[name].tasks)
+    report.write_table(timings_table(profile, by_seed), out, "timings", prov, "each method's own time",
+                       note="seconds: the method's time when it was computed (a reused result keeps its first time); "
+                            "the next run of this profile reads this file for its estimates")
     (out / "SUMMARY.md").write_text("\n".join(sections) + "\n")
     report.write_provenance(out, prov, extra=f"Run folder (cached experts and method results): {run.dir}")
 
