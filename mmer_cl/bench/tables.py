@@ -14,7 +14,12 @@ import pandas as pd
 from mmer_cl import metrics, stats
 from mmer_cl.bench import report
 
-REFERENCE = "mmer_exact"  # the method every other one is compared with, on the same test examples
+# The method every other one is compared with, on the same test examples: the first of these a stream has
+# (a class-incremental stream has no task label to run mmer_exact with).
+REFERENCES = ("mmer_exact", "mmer_routed")
+ORACLE_NOTE = ("Class-incremental: no task label at test, accuracy is 10-way top-1 against the original label. "
+               "`individual` is each expert given its task label, an oracle and not a class-incremental method; "
+               "retention = accuracy / that oracle's.")
 
 
 def _matrix_results(results: dict) -> dict:
@@ -48,7 +53,11 @@ def own_interval(result: dict) -> dict:
     return stats.paired_bootstrap(result["correct"], [[0] * len(c) for c in result["correct"]])
 
 
-def paired_table(results: dict, reference: str = REFERENCE) -> pd.DataFrame:
+def reference_of(results: dict) -> str | None:
+    return next((m for m in REFERENCES if m in results), None)
+
+
+def paired_table(results: dict, reference: str) -> pd.DataFrame:
     """The reference method against every other with per-sample scores: the paired difference of final average
     accuracy on the same test examples, its 95% bootstrap interval, and what the interval supports."""
     if reference not in results or "correct" not in results[reference]:
@@ -210,12 +219,13 @@ def write_outputs(out: Path, prov: dict, profile, by_seed: dict, streams: dict, 
                 report.write_table(df, out, f"{name}_seeds", prov, f"{name}: over seeds {seeds}",
                                    note="mean, sample std and Student-t 95% interval [lo, hi] over seeds")
                 sections.append(report.markdown_section(df, f"{name}: final accuracy and forgetting over seeds {seeds}"))
-        sections += _stream_outputs(out, prov, name, stream_results, streams[name].tasks)
+        sections += _stream_outputs(out, prov, name, stream_results, streams[name].tasks,
+                                    ORACLE_NOTE if streams[name].protocol == "class" else "")
     (out / "SUMMARY.md").write_text("\n".join(sections) + "\n")
     report.write_provenance(out, prov, extra=f"Run folder (cached experts and method results): {run.dir}")
 
 
-def _stream_outputs(out: Path, prov: dict, name: str, results: dict, tasks) -> list[str]:
+def _stream_outputs(out: Path, prov: dict, name: str, results: dict, tasks, protocol_note: str = "") -> list[str]:
     sections = []
 
     def table(df, stem, title, note="", section=True):
@@ -247,10 +257,13 @@ def _stream_outputs(out: Path, prov: dict, name: str, results: dict, tasks) -> l
     if not matrices:
         return sections
     summary = summary_table(results, expert)
-    table(summary, "summary", f"{name}: final accuracy, BWT, forgetting, retention, storage, time")
-    paired = paired_table(results)
+    table(summary, "summary", f"{name}: final accuracy, BWT, forgetting, retention, storage, time", note=protocol_note)
+    if protocol_note:
+        sections.append(protocol_note + "\n")
+    reference = reference_of(results)
+    paired = paired_table(results, reference)
     if len(paired):
-        table(paired, "paired", f"{name}: {REFERENCE} against each method, paired on the same test examples",
+        table(paired, "paired", f"{name}: {reference} against each method, paired on the same test examples",
               note=PAIRED_NOTE)
     if expert:
         table(retention_table(results, tasks, expert), "retention", f"{name}: final accuracy and retention per task")
