@@ -96,8 +96,10 @@ class TaskRouter(MultiTaskModule):
         return super().forward(x, task_labels)
 
 
-def avalanche_stream(specs: Sequence[TaskSpec], train: dict, test: dict, **more: dict):
-    """A task-labelled Avalanche benchmark: experience t = task specs[t], inputs packed to one length; its
+def avalanche_stream(specs: Sequence[TaskSpec], train: dict, test: dict, labels: Sequence[int] | None = None,
+                     **more: dict):
+    """A task-labelled Avalanche benchmark: experience t = task specs[t] under task label labels[t] (default t;
+    all 0 for a class-incremental learner, StreamData.learner_labels), inputs packed to one length; its
     train_stream and test_stream, and a `<name>_stream` for each further split given (e.g. val=...)."""
     from avalanche.benchmarks import benchmark_from_datasets
     from avalanche.benchmarks.scenarios.supervised import with_classes_timeline
@@ -106,7 +108,8 @@ def avalanche_stream(specs: Sequence[TaskSpec], train: dict, test: dict, **more:
     from mmer_cl.data import as_avalanche
 
     length = packed_length(specs)
-    streams = {name: [as_avalanche(PackedInputs(sets[spec.name], length), label) for label, spec in enumerate(specs)]
+    labels = range(len(specs)) if labels is None else labels
+    streams = {name: [as_avalanche(PackedInputs(sets[spec.name], length), label) for label, spec in zip(labels, specs)]
                for name, sets in {"train": train, "test": test, **more}.items()}
     return with_classes_timeline(with_task_labels(benchmark_from_datasets(**streams)))
 

@@ -13,7 +13,7 @@ from mmer_cl.bench import registry, report, tables
 from mmer_cl.bench.profiles import PROFILES, Profile
 from mmer_cl.bench.runfolder import Run, digest, source_digest
 
-DEFAULT_STREAMS = ("modality", "split_fmnist", "forgetting")  # aligned: on its own (--stream aligned)
+DEFAULT_STREAMS = ("modality", "split_fmnist", "split_fmnist_ci", "forgetting")  # aligned: on its own (--stream aligned)
 # The order of the tables; a method registered elsewhere follows these.
 METHOD_ORDER = ("individual", "mmer_exact", "mmer_sparse", "mmer_compact", "mmer_routed", "mmer_routed_entropy",
                 "mmer_controls",

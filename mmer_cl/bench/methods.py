@@ -31,14 +31,27 @@ from mmer_cl.decoupled import TaskSwitcher
 from mmer_cl.plugin import MMERPlugin
 from mmer_cl.routing import GaussianRouter, entropy_router
 
-ACCURACY = "Top1_Acc_Exp/eval_phase/test_stream/Task{t:03d}/Exp{t:03d}"
+ACCURACY = "Top1_Acc_Exp/eval_phase/{stream}/Task{label:03d}/Exp{exp:03d}"
 
 
 # ---- shared pieces ----------------------------------------------------------------------------------
 
 
-def new_model(data, device: str = "cpu") -> TaskRouter:
-    return TaskRouter(data.model(), data.specs).to(device)
+def accuracies(results: dict, labels, stream: str = "test_stream") -> list[float]:
+    """Avalanche's accuracy on experiences j = 0, 1 ... of an evaluation, experience j under task label labels[j]."""
+    return [results[ACCURACY.format(stream=stream, label=label, exp=j)] for j, label in enumerate(labels)]
+
+
+def task_labelled(data) -> bool:
+    """Whether test samples carry their task label (not class-incremental): what a method needs that picks a
+    task's private modules by it."""
+    return data.protocol == "task"
+
+
+def new_model(data, device: str = "cpu", specs=None) -> TaskRouter:
+    """The stream's model behind a TaskRouter over `specs` (default: every task's, task label t = specs[t])."""
+    specs = data.specs if specs is None else specs
+    return TaskRouter(data.model(specs), specs).to(device)
 
 
 def shared_of(data):
@@ -150,7 +163,7 @@ def replay(data, models: Path, state_dir: Path, settings: dict, lam=1.0, evaluat
         strategy.train(experience)
         if evaluate_each:
             results = strategy.eval(bm.test_stream[: t + 1])
-            R[t, : t + 1] = [results[ACCURACY.format(t=j)] for j in range(t + 1)]
+            R[t, : t + 1] = accuracies(results, range(t + 1))
     return R, plugin, correctness
 
 
@@ -231,7 +244,7 @@ def _register_merging():
     p = None  # the profile is read when the method runs
 
     def register(name, settings, axes, **options):
-        method(name, applies=options.pop("applies", None), needs=(MODELS_NEED[options.get("models", "full")],))(
+        method(name, applies=options.pop("applies", task_labelled), needs=(MODELS_NEED[options.get("models", "full")],))(
             lambda run, data: merging_method(run, data, name, settings(run) if callable(settings) else settings,
                                              grid(**axes(run.profile)), **options))
 
@@ -250,7 +263,7 @@ def _register_merging():
     register("opcm", dict(merge="opcm", mask_rule="none", mode="compact"), lambda p: dict(energy=p.energies))
     register("magmax", dict(merge="magmax", mask_rule="none", mode="exact"), lambda p: dict(alpha=p.alphas), models="naive")
     register("mmer_lora", dict(merge="ties", mask_rule="mmer", mode="compact"), lambda p: dict(alpha=p.alphas, lam=p.lams),
-             models="lora", applies=lambda data: data.new_model is None)
+             models="lora", applies=lambda data: data.new_model is None and task_labelled(data))
     del p
 
 
@@ -272,7 +285,7 @@ def run_individual(run, data) -> Result:
                   {"expert_accuracy": accs, "learning_curves": json.loads((folder / "curves.json").read_text())})
 
 
-@method("mmer_controls", needs=("experts",))
+@method("mmer_controls", applies=task_labelled, needs=("experts",))
 def run_mmer_controls(run, data) -> dict:
     """Mask analyses and controls at MMER's chosen settings, all experts merged: MMER's masks against a random
     mask of the same effective density, the sign-agreement mask, and no mask (TIES)."""
@@ -327,15 +340,16 @@ def avalanche_method(run, data, name: str):
 
 
 def train_baseline(run, data, name: str, options: dict) -> Result:
-    """A real Avalanche strategy on one multi-head model, with the experts' recipe and about their steps
-    per experience; R on test after each experience, and the mean validation accuracy after the last one.
-    Naive also saves its sequential fine-tunes (for MagMax)."""
+    """A real Avalanche strategy on one model, with the experts' recipe and about their steps per experience:
+    a head per task (task-incremental) or one head that every experience shares under task label 0
+    (class-incremental, StreamData.learner_labels); R on test after each experience, and the mean validation
+    accuracy after the last one. Naive also saves its sequential fine-tunes (for MagMax)."""
     from avalanche.training import EWC, LwF, Naive, Replay
 
     from mmer_cl.bench import baselines
 
     torch.manual_seed(run.seed)
-    model = new_model(data, run.device)
+    model = new_model(data, run.device, data.learner_specs)
     correctness = SampleCorrectness()
     scale = {t: data.shared_lr_scale[spec.name] for t, spec in enumerate(data.specs) if spec.name in data.shared_lr_scale}
     plugins = [FineTuning(scale), correctness]
@@ -348,17 +362,15 @@ def train_baseline(run, data, name: str, options: dict) -> Result:
     strategy = strategy_cls(model=model, optimizer=optimizer_for(model, shared_of(data)), criterion=nn.CrossEntropyLoss(),
                             train_mb_size=data.batch_size, eval_mb_size=128, plugins=plugins, evaluator=evaluator,
                             device=run.device, **fixed, **options)
-    bm = avalanche_stream(data.specs, data.train, data.test, val=data.val)
+    labels = data.learner_labels
+    bm = avalanche_stream(data.specs, data.train, data.test, labels, val=data.val)
     R = nan_matrix(len(data.specs))
     for t, experience in enumerate(tqdm(bm.train_stream, desc=f"{data.name}/{name} {options}", disable=not run.progress)):
         strategy.train_epochs = epochs_for(data, experience)
         strategy.train(experience)
         if t == len(data.specs) - 1:  # validation first: the per-sample scores kept are the last test ones
-            results = strategy.eval(bm.val_stream)
-            val_acc = float(np.mean([results[ACCURACY.format(t=j).replace("test_stream", "val_stream")]
-                                     for j in range(t + 1)]))
-        results = strategy.eval(bm.test_stream[: t + 1])
-        R[t, : t + 1] = [results[ACCURACY.format(t=j)] for j in range(t + 1)]
+            val_acc = float(np.mean(accuracies(strategy.eval(bm.val_stream), labels, "val_stream")))
+        R[t, : t + 1] = accuracies(strategy.eval(bm.test_stream[: t + 1]), labels[: t + 1])
     base, private = model_storage(model, data)
     kept = baselines.kept_state(strategy)
     return Result(R, metrics.storage(base=base, private=private, shared_vectors=metrics.nbytes(kept["vectors"]),
@@ -387,7 +399,7 @@ def lora_experts(run, data) -> Path:
     return run.artifact(data, "lora-experts", build)
 
 
-@method("lora", applies=lambda data: data.new_model is None, needs=("lora_experts",))
+@method("lora", applies=lambda data: data.new_model is None and task_labelled(data), needs=("lora_experts",))
 def run_lora(run, data) -> Result:
     """One LoRA adapter per task, routed by task; storage = the adapters' own bytes."""
     folder = lora_experts(run, data)
@@ -407,18 +419,22 @@ def run_lora(run, data) -> Result:
 
 @method("joint")
 def run_joint(run, data) -> Result:
-    """Upper bound: one model trained on all tasks at once (T x steps round-robin steps); only the final row
-    of R exists, so BWT and forgetting are not defined for it."""
+    """Upper bound: one model trained on all tasks at once (T x steps steps: round-robin over the tasks' own
+    modules, or, class-incremental, batches of every task's data mixed through the one shared head); only the
+    final row of R exists, so BWT and forgetting are not defined for it."""
     from mmer_cl.bench import baselines
 
-    model = data.model().to(run.device)
+    specs, train = data.learner_specs, data.train
+    if not task_labelled(data):
+        train = {specs[0].name: torch.utils.data.ConcatDataset([data.train[task] for task in data.tasks])}
+    model = data.model(specs).to(run.device)
     steps = data.steps * len(data.specs)
     with tqdm(total=steps, desc=f"{data.name}/joint", disable=not run.progress) as bar:
-        baselines.train_joint(model, data.specs, data.train, steps=steps, batch_size=data.batch_size, seed=run.seed,
+        baselines.train_joint(model, specs, train, steps=steps, batch_size=data.batch_size, seed=run.seed,
                               shared=data.shared, progress=bar)
-    router = TaskRouter(model, data.specs)
+    router = TaskRouter(model, specs)
     R = nan_matrix(len(data.specs))
-    R[-1] = [evaluate(router, data.test[spec.name], spec) for spec in data.specs]
+    R[-1] = [evaluate(router, data.test[task], specs[label]) for task, label in zip(data.tasks, data.learner_labels)]
     base, private = model_storage(router, data)
     return Result(R, metrics.storage(base=base, private=private))
 
@@ -429,7 +445,9 @@ ROUTED = dict(applies=lambda data: len(data.specs) > 1 and len({s.modality for s
 def routed(run, data, name: str, router) -> Result:
     """MMER (exact, settings chosen as mmer_exact's) with no task label at test: each sample routed among all
     folded tasks by `router`; the routing confusion kept. For streams of one modality (an input of another
-    modality names its task by itself)."""
+    modality names its task by itself). Class-incremental, every task's head answers over the whole label space,
+    so a sample routed to the wrong task is scored by that task's answer against its own label: right only if
+    the wrong task's model names the right class (never half the time, as a 0/1 label would)."""
     models_dir, exact = models_and_state(run, data, "full")
     p = run.profile
     settings = dict(merge="ties", mask_rule="mmer", mode="exact")

@@ -10,6 +10,8 @@ Built-in streams:
 - modality: vision (Fashion-MNIST) -> audio (spoken words) -> text (WordNet glosses), one expert each;
 - split_fmnist: Fashion-MNIST classes {0,1}, {2,3}, ... {8,9} as 5 tasks with task labels (labels 0/1 per
   task), each task a fifth of the profile's steps and examples.
+- split_fmnist_ci: the same tasks, steps and examples, class-incremental (protocol "class"): the original labels
+  0..9, no task label at test; one learner shares one 10-way head over every experience, MMER routes each sample.
 - forgetting: the modality stream's vision and audio tasks, for the forgetting scenario (methods.py: a model
   fine-tuned on vision, then further on audio at three times the backbone's rate; MMER over the two task vectors).
 - aligned: the ten Fashion-MNIST classes as images, spoken names and WordNet glosses (data.aligned), one
@@ -53,28 +55,44 @@ class StreamData:
     shared_lr_scale: dict = field(default_factory=dict)  # task -> factor on the shared rate in the sequential baselines
     mixed: dict = field(default_factory=dict)  # split -> {combination: data.mixed.MixedSet}, for expansion
     settings: dict = field(default_factory=dict)  # values outside the stream function that decide its data (keyed)
+    protocol: str = "task"  # "class": one label space over all tasks and no task label at test (learner_specs)
 
     @property
     def tasks(self) -> list[str]:
         return [spec.name for spec in self.specs]
 
-    def model(self) -> nn.Module:
-        """A new model, with the same initial weights every time (drawn from seed 0, torch's global generator
+    @property
+    def learner_labels(self) -> list[int]:
+        """The task label of each experience for one continual learner (Avalanche's strategies, joint training):
+        t, its own task's modules (task-incremental), or 0 for every experience (class-incremental: nothing tells
+        the tasks apart, so all share the first task's modules and its head over the whole label space)."""
+        return [0 if self.protocol == "class" else t for t in range(len(self.specs))]
+
+    @property
+    def learner_specs(self) -> list[TaskSpec]:
+        """What task label l means to that learner: learner_specs[l]."""
+        return self.specs[: max(self.learner_labels) + 1]
+
+    def model(self, specs: list[TaskSpec] | None = None) -> nn.Module:
+        """A new model holding the modules of `specs` (default: every task's; a stream's own new_model() builds
+        what it builds), with the same initial weights every time (drawn from seed 0, torch's global generator
         left as it was): theta0 of the experts, of a replay and of every baseline is one, whatever ran before."""
         with torch.random.fork_rng():
             torch.manual_seed(0)
-            return self._build()
+            return self._build(self.specs if specs is None else specs)
 
-    def _build(self) -> nn.Module:
+    def _build(self, specs: list[TaskSpec]) -> nn.Module:
         if self.new_model is not None:
             return self.new_model()
         return models.build_model([(s.name, s.modality, s.num_classes) + (() if s.modality == "text" else (s.input_shape,))
-                                   for s in self.specs])
+                                   for s in specs])
 
     def check(self) -> "StreamData":
         """What a stream must return, checked before any training: a clear message naming what is wrong."""
         if not self.specs:
             raise ValueError(f"stream '{self.name}' has no tasks")
+        if self.protocol not in ("task", "class"):
+            raise ValueError(f"stream '{self.name}': protocol must be 'task' or 'class', not {self.protocol!r}")
         if len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"stream '{self.name}': task names repeat: {self.tasks}")
         for spec in self.specs:
@@ -125,13 +143,14 @@ def modality_stream(profile: Profile, seed: int) -> StreamData:
 
 
 class ClassPair(torch.utils.data.Dataset):
-    """The examples of classes (a, b) relabelled 0 and 1: one task of Split Fashion-MNIST."""
+    """The examples of classes (a, b) relabelled 0 and 1 (relabel=False: their own labels a and b): one task of
+    Split Fashion-MNIST."""
 
-    def __init__(self, dataset, classes: tuple[int, int]):
+    def __init__(self, dataset, classes: tuple[int, int], relabel: bool = True):
         targets = torch.as_tensor(list(dataset.targets))
         self.dataset = dataset
         self.indices = torch.nonzero((targets == classes[0]) | (targets == classes[1])).flatten().tolist()
-        self.targets = [int(targets[i] == classes[1]) for i in self.indices]
+        self.targets = [int(targets[i] == classes[1]) if relabel else int(targets[i]) for i in self.indices]
 
     def __len__(self):
         return len(self.indices)
@@ -140,20 +159,37 @@ class ClassPair(torch.utils.data.Dataset):
         return self.dataset[self.indices[index]][0], self.targets[index]
 
 
+# What a class-incremental stream can score: every other method picks a task's private modules by its label.
+# individual, each expert given its task label, stays as the oracle that the routed accuracy is compared with.
+CLASS_INCREMENTAL_METHODS = ("individual", "mmer_routed", "mmer_routed_entropy", "naive", "ewc", "lwf", "replay",
+                             "joint")
+
+
 @stream("split_fmnist")
-def split_fmnist_stream(profile: Profile, seed: int) -> StreamData:
-    """Two classes need fewer steps and examples than ten: each task gets a fifth of the profile's."""
+def split_fmnist_stream(profile: Profile, seed: int, protocol: str = "task") -> StreamData:
+    """Two classes need fewer steps and examples than ten: each task gets a fifth of the profile's.
+    protocol "class": the same examples with their own labels 0..9, every task's head 10-way (split_fmnist_ci)."""
     splits = data_module.load("vision", seed)
     steps = max(1, profile.steps // 5)
+    relabel = protocol == "task"
     specs, train, val, test = [], {}, {}, {}
     for pair in [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]:
         name = f"fmnist_{pair[0]}{pair[1]}"
-        parts = [ClassPair(split, pair) for split in (splits.train, splits.val, splits.test)]
+        parts = [ClassPair(split, pair, relabel) for split in (splits.train, splits.val, splits.test)]
         train[name] = data_module.subset(parts[0], steps * profile.batch_size, seed)
         val[name] = data_module.subset(parts[1], None if profile.val_per_task is None else max(16, profile.val_per_task // 2), seed)
         test[name] = data_module.subset(parts[2], None if profile.test_per_task is None else max(32, profile.test_per_task // 2), seed)
-        specs.append(spec_of(name, "vision", splits.train, 2))
-    return StreamData("split_fmnist", specs, train, val, test, steps, profile.batch_size)
+        specs.append(spec_of(name, "vision", splits.train, 2 if relabel else 10))
+    if relabel:
+        return StreamData("split_fmnist", specs, train, val, test, steps, profile.batch_size)
+    return StreamData("split_fmnist_ci", specs, train, val, test, steps, profile.batch_size, protocol="class",
+                      methods=CLASS_INCREMENTAL_METHODS)
+
+
+@stream("split_fmnist_ci")
+def split_fmnist_ci_stream(profile: Profile, seed: int) -> StreamData:
+    """Class-incremental Split Fashion-MNIST: split_fmnist's tasks, steps and examples, labels 0..9."""
+    return split_fmnist_stream(profile, seed, protocol="class")
 
 
 @stream("forgetting")

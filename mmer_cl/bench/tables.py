@@ -14,7 +14,12 @@ import pandas as pd
 from mmer_cl import metrics, stats
 from mmer_cl.bench import report
 
-REFERENCE = "mmer_exact"  # the method every other one is compared with, on the same test examples
+# The method every other one is compared with, on the same test examples: the first of these a stream has
+# (a class-incremental stream has no task label to run mmer_exact with).
+REFERENCES = ("mmer_exact", "mmer_routed")
+ORACLE_NOTE = ("Class-incremental: no task label at test, accuracy is 10-way top-1 against the original label. "
+               "`individual` is each expert given its task label, an oracle and not a class-incremental method; "
+               "retention = accuracy / that oracle's.")
 
 
 def _matrix_results(results: dict) -> dict:
@@ -48,7 +53,11 @@ def own_interval(result: dict) -> dict:
     return stats.paired_bootstrap(result["correct"], [[0] * len(c) for c in result["correct"]])
 
 
-def paired_table(results: dict, reference: str = REFERENCE) -> pd.DataFrame:
+def reference_of(results: dict) -> str | None:
+    return next((m for m in REFERENCES if m in results), None)
+
+
+def paired_table(results: dict, reference: str) -> pd.DataFrame:
     """The reference method against every other with per-sample scores: the paired difference of final average
     accuracy on the same test examples, its 95% bootstrap interval, and what the interval supports."""
     if reference not in results or "correct" not in results[reference]:
@@ -210,11 +219,12 @@ def experts_seeds_table(by_seed: dict, stream: str, tasks) -> pd.DataFrame:
     return pd.DataFrame([{"task": task, **stats.seed_interval([a[t] for a in accs])} for t, task in enumerate(tasks)])
 
 
-def paired_seeds_table(by_seed: dict, stream: str, reference: str = REFERENCE) -> pd.DataFrame:
+def paired_seeds_table(by_seed: dict, stream: str) -> pd.DataFrame:
     """The reference against every method run on the same seeds: the paired difference of final average
     accuracy averaged over seeds, with two 95% intervals, one per source of noise: [lo, hi] the bootstrap over
     test examples (resampled within each seed and task), [seed_lo, seed_hi] the Student-t interval of the
     per-seed differences (training randomness). A side is claimed only where both exclude zero."""
+    reference = reference_of(next(iter(by_seed.values())).get(stream, {}))
     runs = [results[stream] for results in by_seed.values() if reference in results.get(stream, {})]
     rows = []
     for name in [m for m, r in runs[0].items() if m != reference and "correct" in r] if runs else []:
@@ -277,12 +287,13 @@ def write_outputs(out: Path, prov: dict, profile, by_seed: dict, streams: dict, 
                     (seeds_table(by_seed, name), "seeds", f"final accuracy and forgetting {over}", SEEDS_NOTE),
                     (experts_seeds_table(by_seed, name, streams[name].tasks), "experts_seeds",
                      f"the experts' test accuracy {over}", "each expert on its own task; " + SEEDS_NOTE),
-                    (paired_seeds_table(by_seed, name), "paired_seeds", f"{REFERENCE} against each method, paired, {over}",
+                    (paired_seeds_table(by_seed, name), "paired_seeds", f"{reference_of(stream_results)} against each method, paired, {over}",
                      PAIRED_SEEDS_NOTE)):
                 if len(df):
                     report.write_table(df, out, f"{name}_{stem}", prov, f"{name}: {title}", note=note)
                     sections.append(report.markdown_section(df, f"{name}: {title}", note=note))
-        sections += _stream_outputs(out, prov, name, stream_results, streams[name].tasks)
+        sections += _stream_outputs(out, prov, name, stream_results, streams[name].tasks,
+                                    ORACLE_NOTE if streams[name].protocol == "class" else "")
     report.write_table(timings_table(profile, by_seed), out, "timings", prov, "each method's own time",
                        note="seconds: the method's time when it was computed (a reused result keeps its first time); "
                             "the next run of this profile reads this file for its estimates")
@@ -290,7 +301,7 @@ def write_outputs(out: Path, prov: dict, profile, by_seed: dict, streams: dict, 
     report.write_provenance(out, prov, extra=f"Run folder (cached experts and method results): {run.dir}")
 
 
-def _stream_outputs(out: Path, prov: dict, name: str, results: dict, tasks) -> list[str]:
+def _stream_outputs(out: Path, prov: dict, name: str, results: dict, tasks, protocol_note: str = "") -> list[str]:
     sections = []
 
     def table(df, stem, title, note="", section=True):
@@ -322,10 +333,13 @@ def _stream_outputs(out: Path, prov: dict, name: str, results: dict, tasks) -> l
     if not matrices:
         return sections
     summary = summary_table(results, expert)
-    table(summary, "summary", f"{name}: final accuracy, BWT, forgetting, retention, storage, time")
-    paired = paired_table(results)
+    table(summary, "summary", f"{name}: final accuracy, BWT, forgetting, retention, storage, time", note=protocol_note)
+    if protocol_note:
+        sections.append(protocol_note + "\n")
+    reference = reference_of(results)
+    paired = paired_table(results, reference)
     if len(paired):
-        table(paired, "paired", f"{name}: {REFERENCE} against each method, paired on the same test examples",
+        table(paired, "paired", f"{name}: {reference} against each method, paired on the same test examples",
               note=PAIRED_NOTE)
     if expert:
         table(retention_table(results, tasks, expert), "retention", f"{name}: final accuracy and retention per task")
