@@ -132,7 +132,7 @@ def test_two_seeds_give_intervals_paired_scores_and_label_free_routing(tmp_path)
     import pandas as pd
 
     registry.resolve_stream(f"{EXAMPLE}:digits")
-    profile = replace(TINY, seeds=(0, 1), first_seed_only=("digits/naive",))
+    profile = replace(TINY, seeds=(0, 1), every_seed=("individual", "mmer_exact", "ties", "digits/mmer_routed"))
     out = tmp_path / "results"
     results = loop.run(profile, streams=[f"{EXAMPLE}:digits"], methods=["individual", "mmer_exact", "ties", "mmer_routed",
                        "naive"], out=out, cache=tmp_path / "cache", progress=False)["digits"]

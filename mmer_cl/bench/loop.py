@@ -23,8 +23,8 @@ METHOD_ORDER = ("individual", "mmer_exact", "mmer_sparse", "mmer_compact", "mmer
 
 def methods_for(data, profile: Profile, asked=None, first_seed: bool = True) -> list[str]:
     """The methods to run on a stream: those asked for, else every registered one that applies to it (and that
-    the stream names, if it names some) less the profile's skip list; on a later seed of the profile, less its
-    first_seed_only methods either way."""
+    the stream names, if it names some) less the profile's skip list; on a later seed of the profile, only those
+    of them that the profile runs on every seed."""
     names = sorted(registry.METHODS, key=lambda n: (METHOD_ORDER.index(n) if n in METHOD_ORDER else len(METHOD_ORDER), n))
     if asked is not None:
         unknown = [m for m in asked if m not in registry.METHODS]
@@ -34,7 +34,9 @@ def methods_for(data, profile: Profile, asked=None, first_seed: bool = True) -> 
     else:
         chosen = [m for m in names if _applies(m, data) and (data.methods is None or m in data.methods)
                   and not {m, f"{data.name}/{m}"} & set(profile.skip)]
-    return chosen if first_seed else [m for m in chosen if not {m, f"{data.name}/{m}"} & set(profile.first_seed_only)]
+    if first_seed or profile.every_seed is None:
+        return chosen
+    return [m for m in chosen if {m, f"{data.name}/{m}"} & set(profile.every_seed)]
 
 
 def _applies(name: str, data) -> bool:
