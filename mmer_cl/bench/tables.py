@@ -287,8 +287,8 @@ def write_outputs(out: Path, prov: dict, profile, by_seed: dict, streams: dict, 
                     (seeds_table(by_seed, name), "seeds", f"final accuracy and forgetting {over}", SEEDS_NOTE),
                     (experts_seeds_table(by_seed, name, streams[name].tasks), "experts_seeds",
                      f"the experts' test accuracy {over}", "each expert on its own task; " + SEEDS_NOTE),
-                    (paired_seeds_table(by_seed, name), "paired_seeds", f"{reference_of(stream_results)} against each method, paired, {over}",
-                     PAIRED_SEEDS_NOTE)):
+                    (paired_seeds_table(by_seed, name), "paired_seeds",
+                     f"{reference_of(stream_results)} against each method, paired, {over}", PAIRED_SEEDS_NOTE)):
                 if len(df):
                     report.write_table(df, out, f"{name}_{stem}", prov, f"{name}: {title}", note=note)
                     sections.append(report.markdown_section(df, f"{name}: {title}", note=note))
@@ -358,12 +358,17 @@ def _stream_outputs(out: Path, prov: dict, name: str, results: dict, tasks, prot
         table(layers, "mask_layers", f"{name}: mask density per layer", section=False)
         table(overlap, "mask_overlap", f"{name}: pairwise mask overlap")
     _mmer_outputs(table, name, results, tasks)
+    _stream_plots(out, prov, name, matrices, summary, tasks)
+    return sections
+
+
+def _stream_plots(out: Path, prov: dict, name: str, matrices: dict, summary: pd.DataFrame, tasks) -> None:
+    """The accuracy matrices, each method's average forgetting, and accuracy against storage."""
     report.plot_accuracy_matrices(matrices, tasks, out / f"{name}_accuracy_matrices.png", prov, f"{name}: R[after, task]")
     forgetting = summary.dropna(subset=["avg_forgetting"])
     report.plot_bars(dict(zip(forgetting["method"], forgetting["avg_forgetting"])), out / f"{name}_forgetting.png", prov,
                      f"{name}: average forgetting", "average forgetting")
     report.plot_accuracy_vs_storage(summary, out / f"{name}_accuracy_vs_storage.png", prov, f"{name}: accuracy vs storage")
-    return sections
 
 
 def _mmer_outputs(table, name: str, results: dict, tasks) -> None:
