@@ -8,8 +8,8 @@ Two learning rates: the new private modules start from random and need a large o
 needs a small one so that its task vector stays a small step from theta_0 (which merging relies on).
 AdamW without weight decay (decay would add a pull towards zero to every task vector that no task asked for),
 fused (one kernel over all parameters: on a CPU the per-tensor update otherwise costs as much as a backward
-pass of the 22M-parameter backbone), linear warm-up then linear decay, gradient norm clipped at 1. The data order and the new modules' initialisation
-follow `seed`; a time budget stops training after the step that crosses it.
+pass of the 22M-parameter backbone), linear warm-up then linear decay, gradient norm clipped at 1. The data
+order and the new modules' initialisation follow `seed`; a time budget stops training after the step that crosses it.
 """
 
 import json
